@@ -1,0 +1,680 @@
+"""``adapt``: run any JAX function on adapted parameters without merging them.
+
+``adapt(fn)(params, adapters, *args) == fn(merge(params, adapters), *args)`` in value and in
+gradient, but the merged kernel is never formed where it is used as a linear map. Training
+through a merged ``W + s·A@B`` makes XLA compute the full weight gradient ``xᵀ·dy`` of every
+targeted kernel (it does not re-associate it away), which costs as much as full
+fine-tuning. ``adapt`` instead traces ``fn`` to a jaxpr once (cached by input
+shapes/dtypes) and re-evaluates it with each targeted kernel replaced by a lazy value
+``(W, A, B)``:
+
+* a ``dot_general`` that meets a lazy kernel computes ``x·W`` plus the low-rank term
+  ``s·(x·A)·B`` with the same index labels, for any dimension numbers (multi-axis inputs,
+  batch dims from a ``vmap`` over stacked layers, ``W.T`` uses such as a tied decoder);
+* transposes, reshapes, squeezes, ``expand_dims``, dtype casts and sharding constraints are
+  applied to ``W`` and carried into the factors, so the kernel stays lazy;
+* nested ``jit`` is inlined, ``scan`` is rebuilt with :func:`jax.lax.scan` (a stacked lazy
+  kernel is passed as ``xs``, so its factors are sliced with it), remat is rebuilt with
+  :func:`jax.checkpoint` and ``cond`` with :func:`jax.lax.switch`;
+* anywhere else the kernel is materialised as ``W + ΔW`` at that point: never wrong, only
+  slower. Every such merge is recorded in an :class:`AdaptReport` (see
+  :func:`adapt_report`), and ``adapt(fn, strict=True)`` raises instead.
+
+Everything primitive-specific lives in the ``_RULES`` table at the bottom: ``jax.extend.core``
+has no compatibility promise, so the supported jax range is pinned in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxlora.adapters import Adapter, adapter_nodes, shared_state
+from jaxlora.targets import path_str
+
+__all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report"]
+
+STACK, IN, OUT = 0, 1, 2
+
+
+class AdaptError(RuntimeError):
+    """Raised by ``adapt(fn, strict=True)`` where a targeted kernel would be merged."""
+
+
+@dataclasses.dataclass
+class AdaptReport:
+    """Where each targeted kernel went during one trace of an adapted function.
+
+    Attributes:
+      targets: Paths of all targeted kernels.
+      fast: Path -> number of distinct ``dot_general`` sites computed unmerged.
+      merged: Path -> names of the primitives at which the kernel was materialised.
+    """
+
+    targets: tuple[str, ...] = ()
+    fast: dict[str, int] = dataclasses.field(default_factory=dict)
+    merged: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_merged(self) -> int:
+        """Total number of places where a kernel was materialised as ``W + ΔW``."""
+        return sum(len(v) for v in self.merged.values())
+
+    @property
+    def unused(self) -> tuple[str, ...]:
+        """Targets that never reached a ``dot_general`` nor a merge."""
+        return tuple(t for t in self.targets if t not in self.fast and t not in self.merged)
+
+    @property
+    def all_fast(self) -> bool:
+        """Every target took the unmerged path at least once and nothing was merged."""
+        return not self.merged and not self.unused
+
+
+class _Ctx:
+    """Per-call interpretation state: strictness and the report being filled in."""
+
+    def __init__(self, strict: bool, targets: Sequence[str]):
+        self.strict = strict
+        self.report = AdaptReport(targets=tuple(targets))
+        # sites are deduplicated because scan/cond may trace a body more than once
+        self._fast_sites: set[tuple[str, int]] = set()
+        self._merge_sites: set[tuple[str, int]] = set()
+
+    def hit(self, path: str, eqn: Any) -> None:
+        if (path, id(eqn)) not in self._fast_sites:
+            self._fast_sites.add((path, id(eqn)))
+            self.report.fast[path] = self.report.fast.get(path, 0) + 1
+
+    def merged(self, k: _Lazy, where: str, site: Any) -> jax.Array:
+        if self.strict:
+            raise AdaptError(
+                f"adapt(strict=True): targeted kernel {k.path!r} flows into {where!r}, which "
+                "has no unmerged rule, so W + ΔW would be materialised there. Restructure "
+                "the model so the kernel meets a dot_general (matmul/einsum), or drop "
+                "strict=True to accept the merge."
+            )
+        if (k.path, id(site)) not in self._merge_sites:
+            self._merge_sites.add((k.path, id(site)))
+            self.report.merged.setdefault(k.path, []).append(where)
+        return k.materialize()
+
+
+def _letters():
+    return iter(string.ascii_letters)
+
+
+class _Lazy:
+    """A targeted kernel seen through a chain of layout ops, with its low-rank factors.
+
+    ``w`` is the base kernel as the program sees it (the chain applied). ``roles[i]`` says
+    whether view axis ``i`` is a stack, input or output axis. The factors are kept in the
+    same view order: ``a: (stack..., in..., r)``, ``b: (stack..., r, out...)``, optional
+    ``c: (stack..., out...)`` (per-column scale), each group in view-axis order.
+    """
+
+    def __init__(self, w, a, b, c, roles, scale, path):
+        self.w, self.a, self.b, self.c = w, a, b, c
+        self.roles, self.scale, self.path = tuple(roles), scale, path
+
+    @property
+    def ndim(self) -> int:
+        return len(self.roles)
+
+    def groups(self) -> tuple[list[int], list[int], list[int]]:
+        return tuple([i for i, r in enumerate(self.roles) if r == g] for g in (STACK, IN, OUT))
+
+    def replace(self, **kw) -> _Lazy:
+        d = dict(w=self.w, a=self.a, b=self.b, c=self.c, roles=self.roles, scale=self.scale)
+        d.update(kw)
+        return _Lazy(**d, path=self.path)
+
+    def labelled(self, labels: Sequence[str]):
+        """Einsum labels of ``a``, ``b``, ``c`` given one label per view axis (+ rank)."""
+        st, inn, out = self.groups()
+        s = "".join(labels[i] for i in st)
+        i = "".join(labels[j] for j in inn)
+        o = "".join(labels[j] for j in out)
+        r = labels[-1]
+        return f"{s}{i}{r}", f"{s}{r}{o}", f"{s}{o}"
+
+    def factors_as(self, dtype):
+        return self.a.astype(dtype), self.b.astype(dtype)
+
+    def materialize(self) -> jax.Array:
+        labels = list(itertools.islice(_letters(), self.ndim + 1))
+        la, lb, lc = self.labelled(labels)
+        view = "".join(labels[: self.ndim])
+        a, b = self.factors_as(jnp.result_type(self.w.dtype, self.a.dtype))
+        delta = jnp.einsum(f"{la},{lb}->{view}", a * self.scale, b)
+        w = self.w + delta.astype(self.w.dtype)
+        if self.c is not None:
+            w = (w * _broadcast(self.c, lc, view)).astype(self.w.dtype)
+        return w
+
+
+def _lazy_flatten(k: _Lazy):
+    return (k.w, k.a, k.b, k.c), (k.roles, k.scale, k.path)
+
+
+def _lazy_unflatten(aux, children):
+    roles, scale, path = aux
+    return _Lazy(*children, roles=roles, scale=scale, path=path)
+
+
+jax.tree_util.register_pytree_node(_Lazy, _lazy_flatten, _lazy_unflatten)
+
+
+def _broadcast(x: jax.Array, x_labels: str, out_labels: str) -> jax.Array:
+    """Transposes/reshapes ``x`` so it broadcasts against an array labelled ``out_labels``."""
+    order = [lb for lb in out_labels if lb in x_labels]
+    x = jnp.transpose(x, [x_labels.index(lb) for lb in order])
+    shape = [x.shape[order.index(lb)] if lb in order else 1 for lb in out_labels]
+    return x.reshape(shape)
+
+
+def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
+    f = node.factors(shared)
+    lay = node.layout
+    roles = [STACK] * len(lay.shape)
+    for ax in lay.in_axes:
+        roles[ax] = IN
+    for ax in lay.out_axes:
+        roles[ax] = OUT
+    a, scale = f.a, f.scale
+    if not isinstance(scale, int | float):
+        a, scale = a * scale, 1.0
+    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _bind(eqn, invals: Sequence[Any]) -> list[Any]:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
+        subfuns, params = params
+        invals = [*subfuns, *invals]
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with manager if manager is not None else _nullcontext():
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _eval(ctx: _Ctx, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        outs = None
+        if any(isinstance(x, _Lazy) for x in invals):
+            rule = _RULES.get(eqn.primitive)
+            if rule is not None:
+                outs = rule(ctx, eqn, invals)
+            if outs is None:
+                name = eqn.primitive.name
+                invals = [ctx.merged(x, name, eqn) if isinstance(x, _Lazy) else x for x in invals]
+        if outs is None:
+            outs = _bind(eqn, invals)
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _plain(ctx: _Ctx, values: Sequence[Any], where: str, site: Any) -> list[Any]:
+    return [ctx.merged(x, where, site) if isinstance(x, _Lazy) else x for x in values]
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _dot_general(ctx: _Ctx, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, _Lazy) and isinstance(rhs, _Lazy):
+        lhs = ctx.merged(lhs, "dot_general of two targeted kernels", eqn)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k_is_rhs = isinstance(rhs, _Lazy)
+    k, x = (rhs, lhs) if k_is_rhs else (lhs, rhs)
+    kc, xc, kb, xb = (rc, lc, rb, lb) if k_is_rhs else (lc, rc, lb, rb)
+
+    gen = _letters()
+    xl = [next(gen) for _ in range(x.ndim)]
+    kl: list[str | None] = [None] * k.ndim
+    for a, b in zip(kc, xc):
+        kl[a] = xl[b]
+    for a, b in zip(kb, xb):
+        kl[a] = xl[b]
+    kl = [lbl if lbl is not None else next(gen) for lbl in kl]
+    r = next(gen)
+    xfree = [xl[i] for i in range(x.ndim) if i not in xc and i not in xb]
+    kfree = [kl[i] for i in range(k.ndim) if i not in kc and i not in kb]
+    out = "".join([xl[i] for i in xb] + (xfree + kfree if k_is_rhs else kfree + xfree))
+    la, lb_, lc_ = k.labelled([*kl, r])
+    if k.c is not None and not set(lc_) <= set(out):
+        return None  # a column scale over contracted axes is not separable: merge
+    base = _bind(eqn, [lhs.w if k is lhs else lhs, rhs.w if k is rhs else rhs])[0]
+
+    pet = eqn.params.get("preferred_element_type")
+    kw = dict(preferred_element_type=pet, precision=eqn.params.get("precision"))
+    a, b = k.factors_as(k.w.dtype)
+    xs = "".join(xl)
+    roles_contracted = {k.roles[i] for i in kc}
+    if roles_contracted <= {OUT} and roles_contracted:
+        first, second, lf, ls = b, a, lb_, la  # x·Wᵀ (tied decoder): contract with B first
+    else:
+        first, second, lf, ls = a, b, la, lb_
+    keep = set(out) | set(ls)
+    mid = "".join(dict.fromkeys(lbl for lbl in xs + lf if lbl in keep))
+    h = jnp.einsum(f"{xs},{lf}->{mid}", x, first, **kw)
+    h = h * jnp.asarray(k.scale, h.dtype)
+    low = jnp.einsum(f"{mid},{ls}->{out}", h, second, **kw)
+    y = base + low.astype(base.dtype)
+    if k.c is not None:
+        y = (y * _broadcast(k.c, lc_, out)).astype(base.dtype)
+    ctx.hit(k.path, eqn)
+    return [y]
+
+
+def _view_op(fn: Callable[[_Lazy, Any, Any], _Lazy | None]):
+    """A rule for a layout op: applies the primitive to ``w`` and ``fn`` to the factors."""
+
+    def rule(ctx, eqn, invals):
+        (k,) = invals[:1]
+        if not isinstance(k, _Lazy) or any(isinstance(x, _Lazy) for x in invals[1:]):
+            return None
+        w = _bind(eqn, [k.w, *invals[1:]])[0]
+        new = fn(k, w, eqn)
+        return None if new is None else [new]
+
+    return rule
+
+
+def _transpose(k: _Lazy, w, eqn):
+    perm = eqn.params["permutation"]
+    st, inn, out = k.groups()
+    new = [[p for p in perm if k.roles[p] == g] for g in (STACK, IN, OUT)]
+    ns = len(st)
+    sp = [st.index(p) for p in new[0]]
+    a = jnp.transpose(k.a, sp + [ns + inn.index(p) for p in new[1]] + [ns + len(inn)])
+    b = jnp.transpose(k.b, [*sp, ns] + [ns + 1 + out.index(p) for p in new[2]])
+    c = None if k.c is None else jnp.transpose(k.c, sp + [ns + out.index(p) for p in new[2]])
+    return k.replace(w=w, a=a, b=b, c=c, roles=[k.roles[p] for p in perm])
+
+
+def _reshape_roles(old: Sequence[int], new: Sequence[int], roles: Sequence[int]):
+    """Roles of the axes of ``reshape(old -> new)``, or None if a new axis mixes roles.
+
+    The reshape is split into chunks of old axes whose product equals a chunk of new axes
+    (row-major). Size-1 axes carry no data, so they may join any chunk; a new size-1 axis
+    on its own becomes a (size-1) stack axis.
+    """
+    out: list[int] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+            i += 1
+            continue
+        if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
+            out.append(STACK)
+            j += 1
+            continue
+        i0, j0 = i, j
+        po, pn = old[i], new[j]
+        i, j = i + 1, j + 1
+        while po != pn:
+            if po < pn:
+                po *= old[i]
+                i += 1
+            else:
+                pn *= new[j]
+                j += 1
+        real = {roles[a] for a in range(i0, i) if old[a] != 1} or {roles[i0]}
+        if len(real) != 1:
+            return None
+        out.extend([real.pop()] * (j - j0))
+    return out
+
+
+def _relayout(k: _Lazy, w) -> _Lazy | None:
+    new_roles = _reshape_roles(k.w.shape, w.shape, k.roles)
+    if new_roles is None:
+        return None
+    grp = [[w.shape[i] for i, r in enumerate(new_roles) if r == g] for g in (STACK, IN, OUT)]
+    rank = k.a.shape[-1]
+    a = k.a.reshape(*grp[0], *grp[1], rank)
+    b = k.b.reshape(*grp[0], rank, *grp[2])
+    c = None if k.c is None else k.c.reshape(*grp[0], *grp[2])
+    return k.replace(w=w, a=a, b=b, c=c, roles=new_roles)
+
+
+def _reshape(k: _Lazy, w, eqn):
+    if eqn.params.get("dimensions") is not None:
+        return None
+    return _relayout(k, w)
+
+
+def _broadcast_in_dim(k: _Lazy, w, eqn):
+    # only expand_dims-style broadcasts (new axes of size 1) keep the kernel lazy
+    dims = eqn.params["broadcast_dimensions"]
+    shape = eqn.params["shape"]
+    if list(dims) != sorted(dims) or any(shape[d] != s for d, s in zip(dims, k.w.shape)):
+        return None
+    if any(shape[i] != 1 for i in range(len(shape)) if i not in dims):
+        return None
+    return _relayout(k, w)
+
+
+def _same_layout(k: _Lazy, w, eqn):
+    del eqn
+    return k.replace(w=w)
+
+
+def _sharding_constraint(k: _Lazy, w, eqn):
+    # Constrain the factors like the kernel they share an axis with, rank replicated.
+    sharding = eqn.params.get("sharding")
+    spec = getattr(sharding, "spec", None)
+    if spec is None or not hasattr(sharding, "mesh"):
+        return k.replace(w=w)
+    spec = tuple(spec) + (None,) * (k.ndim - len(tuple(spec)))
+    st, inn, out = k.groups()
+    P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+
+    def con(x, axes, rank_pos):
+        parts = [spec[i] for i in axes]
+        if rank_pos is not None:
+            parts.insert(rank_pos, None)
+        return lax.with_sharding_constraint(x, NS(sharding.mesh, P(*parts)))
+
+    a = con(k.a, st + inn, len(st) + len(inn))
+    b = con(k.b, st + out, len(st))
+    c = None if k.c is None else con(k.c, st + out, None)
+    return k.replace(w=w, a=a, b=b, c=c)
+
+
+def _inline(ctx, eqn, invals):
+    closed = eqn.params["jaxpr"]
+    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _closed_call(ctx, eqn, invals):
+    closed = eqn.params["call_jaxpr"]
+    return _eval(ctx, closed.jaxpr, closed.consts, invals)
+
+
+def _remat(ctx, eqn, invals):
+    jaxpr = eqn.params["jaxpr"]
+
+    def body(*vals):
+        return _plain(ctx, _eval(ctx, jaxpr, (), vals), "remat output", eqn)
+
+    fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    return fn(*invals)
+
+
+def _cond(ctx, eqn, invals):
+    index, *ops = invals
+    if isinstance(index, _Lazy):
+        return None
+
+    def branch(closed):
+        def f(*vals):
+            return _plain(ctx, _eval(ctx, closed.jaxpr, closed.consts, vals), "cond output", eqn)
+
+        return f
+
+    return lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops)
+
+
+def _scan(ctx, eqn, invals):
+    p = eqn.params
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    consts = invals[:nc]
+    init = _plain(ctx, invals[nc : nc + ncarry], "scan carry", eqn)
+    xs = []
+    for x in invals[nc + ncarry :]:
+        if isinstance(x, _Lazy) and x.roles[0] != STACK:
+            x = ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
+        # a lazy kernel travels as its children, sliced along the leading stack axis together
+        xs.append(
+            ("lazy", _lazy_flatten(x)[0], x.roles[1:], x.scale, x.path)
+            if isinstance(x, _Lazy)
+            else ("plain", x)
+        )
+    packed = [e[1] for e in xs]
+    closed = p["jaxpr"]
+
+    def body(carry, sliced):
+        vals = []
+        for e, s in zip(xs, sliced):
+            vals.append(_Lazy(*s, roles=e[2], scale=e[3], path=e[4]) if e[0] == "lazy" else s)
+        outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *vals])
+        outs = _plain(ctx, outs, "scan output", eqn)
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(
+        body, init, packed, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    return [*carry, *ys]
+
+
+def _prim(*names: str):
+    prims = jex.core.primitives
+    for n in names:
+        if hasattr(prims, n):
+            return getattr(prims, n)
+    return None
+
+
+# The one table of primitive-specific behaviour (see the module docstring).
+_RULES: dict[Any, Callable] = {
+    prim: rule
+    for prim, rule in [
+        (_prim("dot_general_p"), _dot_general),
+        (_prim("transpose_p"), _view_op(_transpose)),
+        (_prim("reshape_p"), _view_op(_reshape)),
+        (_prim("squeeze_p"), _view_op(lambda k, w, e: _relayout(k, w))),
+        (_prim("broadcast_in_dim_p"), _view_op(_broadcast_in_dim)),
+        (_prim("convert_element_type_p"), _view_op(_same_layout)),
+        (_prim("copy_p"), _view_op(_same_layout)),
+        (_prim("sharding_constraint_p"), _view_op(_sharding_constraint)),
+        (_prim("jit_p", "pjit_p"), _inline),
+        (_prim("closed_call_p"), _closed_call),
+        (_prim("remat_p", "checkpoint_p"), _remat),
+        (_prim("cond_p"), _cond),
+        (_prim("scan_p"), _scan),
+    ]
+    if prim is not None
+}
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _is_dynamic(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
+
+
+_CACHE_SIZE = 64
+
+
+def adapt(fn: Callable, *, strict: bool = False) -> Callable:
+    """Transforms ``fn(params, *args)`` into ``fn_adapted(params, adapters, *args)``.
+
+    ``adapt(fn)(params, adapters, *args, **kwargs)`` equals
+    ``fn(jaxlora.merge(params, adapters), *args, **kwargs)`` in value and in gradient with
+    respect to ``adapters``, but computes each targeted kernel's ``dot_general`` as the base
+    product plus the low-rank product, so training costs forward + activation backward plus
+    the small adapter products, and no weight gradient of the frozen kernels. Take gradients
+    with respect to ``adapters``; ``params`` is a separate, frozen argument.
+
+    ``fn`` may be any JAX-traceable function of a parameter pytree: plain JAX, a Flax linen
+    ``apply``, an NNX ``merge``-and-call, with nested ``jit``, ``scan`` over stacked layers,
+    remat and ``cond``. Non-array arguments (Python bools, strings...) are treated as static.
+    The traced program is cached by input shapes/dtypes (and static arguments), so eager
+    calls do not re-trace.
+
+    Args:
+      fn: The function to adapt; its first argument is the parameter pytree.
+      strict: Raise :class:`AdaptError` instead of materialising ``W + ΔW`` where a
+        targeted kernel meets an operation with no unmerged rule.
+
+    Returns:
+      The adapted function. Its ``last_report`` attribute holds the :class:`AdaptReport` of
+      the most recent call (see also :func:`adapt_report`).
+
+    Raises:
+      AdaptError: With ``strict=True``, naming the kernel and the primitive.
+      ValueError: If ``adapters`` targets a kernel that ``params`` lacks or has another shape.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+      >>> def f(p, x):
+      ...     return jnp.tanh(x @ p["w"]["kernel"]).sum()
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> x = jnp.ones((5, 4))
+      >>> bool(jnp.allclose(jl.adapt(f)(params, adapters, x), f(jl.merge(params, adapters), x)))
+      True
+      >>> grads = jax.grad(jl.adapt(f), argnums=1)(params, adapters, x)
+    """
+    cache: collections.OrderedDict = collections.OrderedDict()
+
+    def trace(treedef, static, avals):
+        key = (treedef, static, avals)
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit
+
+        def flat_fn(*dyn):
+            it = iter(dyn)
+            leaves = [next(it) if s is _DYN else s for s in static]
+            p, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+            return fn(p, *args, **kwargs)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+        entry = (closed, jax.tree_util.tree_structure(out_shape))
+        # a program closing over tracers of an enclosing trace must not outlive it
+        if not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+            cache[key] = entry
+            if len(cache) > _CACHE_SIZE:
+                cache.popitem(last=False)
+        return entry
+
+    @functools.wraps(fn)
+    def adapted(params, adapters, *args, **kwargs):
+        nodes = adapter_nodes(adapters)
+        shared = shared_state(adapters)
+        ctx = _Ctx(strict, tuple(nodes))
+        p_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+        n_params = len(p_leaves)
+        leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+        static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
+        dyn = [x for x in leaves if _is_dynamic(x)]
+        avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dyn)
+        try:
+            closed, out_tree = trace(treedef, static, avals)
+        except TypeError as e:
+            if "unhashable" not in str(e):
+                raise
+            raise TypeError(
+                "adapt: non-array arguments are treated as static and must be hashable"
+            ) from e
+
+        # map each targeted params leaf to its position among the dynamic inputs
+        inputs = list(dyn)
+        seen = set()
+        pos = 0
+        for i, (kp, _) in enumerate(p_leaves):
+            if static[i] is not _DYN:
+                continue
+            node = nodes.get(path_str(kp))
+            if node is not None:
+                w = inputs[pos]
+                if tuple(w.shape) != node.layout.shape:
+                    raise ValueError(
+                        f"adapter for {node.layout.path!r} was made for shape "
+                        f"{node.layout.shape}, but params hold shape {tuple(w.shape)} there"
+                    )
+                inputs[pos] = _from_node(w, node, shared)
+                seen.add(node.layout.path)
+            pos += 1
+        del n_params
+        missing = sorted(set(nodes) - seen)
+        if missing:
+            raise ValueError(f"adapters target kernels missing from params: {missing}")
+
+        outs = _eval(ctx, closed.jaxpr, closed.consts, inputs)
+        outs = _plain(ctx, outs, "function output", closed)
+        adapted.last_report = ctx.report
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    adapted.last_report = None
+    return adapted
+
+
+class _DynType:
+    def __repr__(self):
+        return "<dynamic>"
+
+
+_DYN = _DynType()
+
+
+def adapt_report(fn: Callable, params: Any, adapters: Any, *args, **kwargs) -> AdaptReport:
+    """Traces ``adapt(fn)`` abstractly and reports which kernels took the unmerged path.
+
+    Nothing is computed (``jax.eval_shape``), so this is cheap enough to assert in tests or
+    to check a new model before training it.
+
+    Args:
+      fn: The function that would be adapted.
+      params: The base parameters (arrays or ``jax.ShapeDtypeStruct``).
+      adapters: The adapters tree.
+      *args: Further arguments of ``fn``.
+      **kwargs: Keyword arguments of ``fn``.
+
+    Returns:
+      An :class:`AdaptReport`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> report = jl.adapt_report(lambda p, x: x @ p["w"]["kernel"], params, adapters,
+      ...                          jnp.ones((2, 4)))
+      >>> report.fast, report.all_fast
+      ({'w/kernel': 1}, True)
+      >>> report = jl.adapt_report(lambda p: jnp.sin(p["w"]["kernel"]), params, adapters)
+      >>> report.merged
+      {'w/kernel': ['sin']}
+    """
+    f = adapt(fn)
+    jax.eval_shape(lambda p, a, ar, kw: f(p, a, *ar, **kw), params, adapters, args, kwargs)
+    return f.last_report

@@ -1,0 +1,307 @@
+"""The adapters pytree: per-kernel adapter nodes that mirror the parameter tree.
+
+``method.init(key, params)`` returns a nested dict that follows the ``"/"``-joined key paths
+of the targeted kernels, with one :class:`Adapter` node at each (and, for methods with
+state shared across layers such as VeRA, one entry under :data:`SHARED_KEY`). A node is a
+pytree whose children are its arrays and whose static aux data is its configuration (the
+kernel layout, rank, scale), so the tree is self-describing: ``adapt``, ``merge`` and
+``unmerge`` need nothing else, and ``jax.tree_util`` / optax / orbax see plain arrays.
+
+Every method expresses its update in one canonical low-rank form, which is what lets one
+``adapt`` rule serve all of them::
+
+    W_eff = (W + scale * einsum(A, B)) * col_scale
+    A: (stack..., in..., r)     B: (stack..., r, out...)     col_scale: (stack..., out...)
+
+with axes in the kernel's (stack, in, out) groups (``col_scale`` is ``None`` except for
+DoRA-style methods). :meth:`Adapter.factors` returns that form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.targets import KernelLayout, path_str
+
+__all__ = [
+    "SHARED_KEY",
+    "Adapter",
+    "Factors",
+    "adapter_nodes",
+    "labels",
+    "merge",
+    "num_trainable",
+    "register_adapter",
+    "unmerge",
+]
+
+SHARED_KEY = "__shared__"
+"""Top-level key of the adapters tree holding state shared by all layers (VeRA)."""
+
+FROZEN = "frozen"
+"""The label of adapter arrays that are never trained."""
+
+
+class Factors(NamedTuple):
+    """A method's update in canonical form (see the module docstring)."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: float | jax.Array
+    col_scale: jax.Array | None = None
+
+
+class Adapter:
+    """Base class of per-kernel adapter nodes.
+
+    Subclasses are frozen dataclasses registered with :func:`register_adapter`: fields named
+    in ``ARRAYS`` are pytree children, every other field (``layout`` first) is static.
+    ``LABELS`` maps each array field to its optimizer label.
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+    LABELS: ClassVar[dict[str, str]] = {}
+    layout: KernelLayout
+
+    def factors(self, shared: dict[str, Any]) -> Factors:
+        """The canonical ``(A, B, scale, col_scale)`` of this adapter."""
+        raise TypeError(f"{type(self).__name__} must define factors()")
+
+    def delta(self, shared: dict[str, Any]) -> jax.Array:
+        """``scale * A@B`` laid out like the kernel (``col_scale`` not applied)."""
+        f = self.factors(shared)
+        lay = self.layout
+        ns, ni, no = len(lay.stack_axes), len(lay.in_axes), len(lay.out_axes)
+        letters = iter(string.ascii_letters)
+        s, i, o = ([next(letters) for _ in range(n)] for n in (ns, ni, no))
+        r = next(letters)
+        canon = "".join(s + i + o)
+        d = jnp.einsum(f"{''.join(s + i)}{r},{''.join(s)}{r}{''.join(o)}->{canon}", f.a, f.b)
+        # canonical (stack, in, out) order back to the kernel's own axis order
+        inverse = [0] * len(lay.shape)
+        for pos, ax in enumerate(lay.canonical_order):
+            inverse[ax] = pos
+        return f.scale * jnp.transpose(d, inverse)
+
+    def col_scale(self, shared: dict[str, Any]) -> jax.Array | None:
+        """``col_scale`` broadcast to the kernel's axes, or ``None``."""
+        c = self.factors(shared).col_scale
+        if c is None:
+            return None
+        lay = self.layout
+        shape = [1] * len(lay.shape)
+        for ax in lay.stack_axes + lay.out_axes:
+            shape[ax] = lay.shape[ax]
+        order = sorted(lay.stack_axes + lay.out_axes)
+        perm = [(lay.stack_axes + lay.out_axes).index(ax) for ax in order]
+        return jnp.transpose(c, perm).reshape(shape)
+
+    def merge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
+        out = w + self.delta(shared).astype(w.dtype)
+        c = self.col_scale(shared)
+        return out if c is None else (out * c).astype(w.dtype)
+
+    def unmerge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
+        if self.factors(shared).col_scale is not None:
+            raise ValueError(
+                f"{type(self).__name__} at {self.layout.path!r} rescales columns with a "
+                "magnitude that depends on the unmerged kernel; it cannot be unmerged from "
+                "the merged weights alone"
+            )
+        return w - self.delta(shared).astype(w.dtype)
+
+
+def register_adapter(cls: type) -> type:
+    """Makes an :class:`Adapter` subclass a frozen dataclass and a pytree node.
+
+    Fields listed in ``cls.ARRAYS`` become children; the others are static aux data and must
+    be hashable.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(cls.ARRAYS), meta_fields=meta)
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, Adapter)
+
+
+def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
+    """All adapter nodes of an adapters tree, keyed by the path of the kernel they adapt."""
+    if not isinstance(adapters, dict):
+        raise TypeError(
+            f"adapters must be the dict returned by a method's init(), got {type(adapters)}"
+        )
+    body = {k: v for k, v in adapters.items() if k != SHARED_KEY}
+    leaves = jax.tree_util.tree_leaves(body, is_leaf=_is_node)
+    nodes = {}
+    for leaf in leaves:
+        if not isinstance(leaf, Adapter):
+            raise TypeError(
+                f"adapters tree holds a {type(leaf).__name__} outside any adapter node; "
+                "pass the tree returned by a method's init()"
+            )
+        nodes[leaf.layout.path] = leaf
+    return nodes
+
+
+def shared_state(adapters: dict[str, Any]) -> dict[str, Any]:
+    """The shared (cross-layer) entries of an adapters tree, keyed by method name."""
+    return adapters.get(SHARED_KEY, {})
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turns ``{"a/b/c": x}`` into ``{"a": {"b": {"c": x}}}``, the layout of adapter trees."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        *head, last = path.split("/")
+        d = out
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = value
+    return out
+
+
+def _check_kernel(node: Adapter, w: Any) -> None:
+    lay = node.layout
+    if tuple(w.shape) != lay.shape:
+        raise ValueError(
+            f"adapter for {lay.path!r} was made for shape {lay.shape}, but params hold "
+            f"shape {tuple(w.shape)} there"
+        )
+
+
+def _map_targeted(params: Any, adapters: Any, fn) -> Any:
+    nodes = adapter_nodes(adapters)
+    shared = shared_state(adapters)
+    seen = set()
+
+    def visit(kp, w):
+        node = nodes.get(path_str(kp))
+        if node is None:
+            return w
+        seen.add(node.layout.path)
+        _check_kernel(node, w)
+        return fn(node, w, shared)
+
+    out = jax.tree_util.tree_map_with_path(visit, params)
+    missing = sorted(set(nodes) - seen)
+    if missing:
+        raise ValueError(f"adapters target kernels missing from params: {missing}")
+    return out
+
+
+def merge(params: Any, adapters: Any) -> Any:
+    """Folds every adapter into its kernel: ``W -> W + ΔW``.
+
+    Pure and exact; works for any pytree ``params``. Used for export and inference; training
+    uses :func:`jaxlora.adapt`, which never forms the merged kernel.
+
+    Args:
+      params: The base parameter pytree.
+      adapters: An adapters tree from a method's ``init``.
+
+    Returns:
+      A pytree like ``params`` with the targeted kernels replaced by merged ones (same dtype).
+
+    Raises:
+      ValueError: If a targeted kernel is missing from ``params`` or has another shape.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> bool((jl.merge(params, adapters)["dense"]["kernel"] == 1).all())  # B starts at 0
+      True
+    """
+    return _map_targeted(params, adapters, lambda node, w, sh: node.merge_kernel(w, sh))
+
+
+def unmerge(params: Any, adapters: Any) -> Any:
+    """Inverts :func:`merge`: ``W + ΔW -> W`` (up to floating-point rounding).
+
+    Args:
+      params: Merged parameters.
+      adapters: The adapters that were merged into them.
+
+    Returns:
+      The base parameters.
+
+    Raises:
+      ValueError: As :func:`merge`, or for an adapter whose merge cannot be inverted.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> back = jl.unmerge(jl.merge(params, adapters), adapters)
+      >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
+      True
+    """
+    return _map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh))
+
+
+def labels(adapters: Any) -> Any:
+    """The optimizer label of every array in an adapters tree.
+
+    Returns a tree of the same structure with a string at each leaf (``"lora_a"``,
+    ``"lora_b"``, ``"frozen"``, ...), ready for ``optax.multi_transform``/``optax.partition``.
+
+    Args:
+      adapters: An adapters tree from a method's ``init`` (arrays or shape structs).
+
+    Returns:
+      The label tree.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> jax.tree_util.tree_leaves(jl.labels(adapters))
+      ['lora_a', 'lora_b']
+    """
+
+    def label_node(x):
+        if isinstance(x, Adapter):
+            return dataclasses.replace(x, **{f: x.LABELS[f] for f in x.ARRAYS})
+        return FROZEN
+
+    body = {k: v for k, v in adapters.items() if k != SHARED_KEY}
+    out = jax.tree_util.tree_map(label_node, body, is_leaf=_is_node)
+    if SHARED_KEY in adapters:
+        # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
+        # otherwise
+        out[SHARED_KEY] = jax.tree_util.tree_map(label_node, adapters[SHARED_KEY], is_leaf=_is_node)
+    return out
+
+
+def num_trainable(adapters: Any) -> int:
+    """Number of trainable scalars in an adapters tree (frozen arrays excluded).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> jl.num_trainable(adapters)  # 2 * r * (d_in + d_out)
+      14
+    """
+    lab = jax.tree_util.tree_leaves(labels(adapters))
+    arrs = jax.tree_util.tree_leaves(adapters)
+    return sum(int(a.size) for a, lb in zip(arrs, lab, strict=True) if lb != FROZEN)
+
+
+class Method(NamedTuple):
+    """A parameter-efficient fine-tuning method: a name and a pure ``init``.
+
+    ``init(key, params)`` reads only shapes and dtypes of ``params`` (it works under
+    ``jax.eval_shape`` and ``jax.jit(..., out_shardings=...)``) and returns the adapters
+    tree.
+    """
+
+    name: str
+    init: Any

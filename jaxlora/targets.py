@@ -1,0 +1,255 @@
+"""Target specs: which leaves of a parameter pytree get an adapter, and how they split.
+
+A target is selected by a regular expression over the leaf's key path joined with
+``"/"`` (``"layers/0/attn/q_proj/kernel"``), so it works for any pytree: a Flax linen
+``variables["params"]`` dict, an NNX ``State``, an equinox module, a plain dict. For each
+selected leaf the spec also says which axes are contracted with the input (``in_axes``),
+which are produced (``out_axes``) and which are stacked layer axes (everything else, e.g.
+the leading ``L`` of a scanned ``(L, d_in, d_out)`` kernel). The defaults fit Flax
+``Dense`` kernels and their stacked form: the last axis is the output, the one before it the
+input, leading axes are stacked layers. A ``DenseGeneral`` kernel such as an output
+projection ``(heads, head_dim, d)`` needs ``in_axes=(0, 1), out_axes=(2,)``.
+
+Selection is strict on purpose: a pattern that matches nothing, or a matched leaf that cannot
+be split, is an error that names the pattern and the paths that were seen, because a typo
+in a target silently training nothing is the most expensive bug in fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+__all__ = ["ALL_LINEAR", "KernelLayout", "Target", "TargetError", "path_str", "select"]
+
+
+class TargetError(ValueError):
+    """A target spec that matches nothing or a leaf it cannot split."""
+
+
+def _key_name(key: Any) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """Joins a JAX key path into the ``"/"``-separated string that targets match against.
+
+    A trailing attribute named ``value`` is dropped: it is the box of an NNX ``Variable``
+    (``kernel.value``), not part of the parameter's name.
+
+    Args:
+      keypath: A key path as produced by ``jax.tree_util.tree_flatten_with_path``.
+
+    Returns:
+      The path as a string.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> tree = {"layers": [{"kernel": jnp.zeros((2, 2))}]}
+      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+      ['layers/0/kernel']
+    """
+    parts = [_key_name(k) for k in keypath]
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How one targeted kernel splits into stacked, input and output axes.
+
+    All axis tuples are normalised (non-negative, sorted) and together cover every axis of
+    the kernel exactly once.
+    """
+
+    path: str
+    """The kernel's key path, ``"/"``-joined."""
+    shape: tuple[int, ...]
+    """The kernel's shape."""
+    dtype: str
+    """The kernel's dtype name."""
+    stack_axes: tuple[int, ...]
+    """Stacked layer axes (scanned layers); adapters are stacked along them too."""
+    in_axes: tuple[int, ...]
+    """Axes contracted with the layer input."""
+    out_axes: tuple[int, ...]
+    """Axes the layer produces."""
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.stack_axes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.out_axes)
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def num_stacked(self) -> int:
+        return math.prod(self.stack_shape)
+
+    @property
+    def canonical_order(self) -> tuple[int, ...]:
+        """The kernel's axes reordered as (stack..., in..., out...)."""
+        return self.stack_axes + self.in_axes + self.out_axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Selects kernels by a regex over their key path and says how each one splits.
+
+    Attributes:
+      pattern: A regular expression matched with ``re.fullmatch`` against the leaf's
+        ``"/"``-joined key path.
+      in_axes: Input (contracted) axes of the kernel; negative values count from the end.
+      out_axes: Output axes of the kernel.
+      stack_axes: Stacked layer axes. ``None`` means every axis that is neither input nor
+        output.
+      min_ndim: Leaves with fewer dimensions are skipped rather than matched (so a pattern
+        such as ``".*"`` does not catch biases).
+    """
+
+    pattern: str
+    in_axes: tuple[int, ...] = (-2,)
+    out_axes: tuple[int, ...] = (-1,)
+    stack_axes: tuple[int, ...] | None = None
+    min_ndim: int = 2
+    exclude: str | None = None
+    """Optional regex; matching paths are skipped even if ``pattern`` matches."""
+
+    def matches(self, path: str, ndim: int) -> bool:
+        if ndim < self.min_ndim or re.fullmatch(self.pattern, path) is None:
+            return False
+        return self.exclude is None or re.search(self.exclude, path) is None
+
+    def layout(self, path: str, shape: tuple[int, ...], dtype: Any) -> KernelLayout:
+        ndim = len(shape)
+
+        def norm(axes: Sequence[int], what: str) -> tuple[int, ...]:
+            out = []
+            for a in axes:
+                if not -ndim <= a < ndim:
+                    raise TargetError(
+                        f"target {self.pattern!r}: {what} axis {a} is out of range for "
+                        f"{path!r} with shape {shape}"
+                    )
+                out.append(a % ndim)
+            return tuple(sorted(out))
+
+        in_axes = norm(self.in_axes, "input")
+        out_axes = norm(self.out_axes, "output")
+        if self.stack_axes is None:
+            stack_axes = tuple(a for a in range(ndim) if a not in in_axes + out_axes)
+        else:
+            stack_axes = norm(self.stack_axes, "stack")
+        used = stack_axes + in_axes + out_axes
+        if not in_axes or not out_axes or sorted(used) != list(range(ndim)):
+            raise TargetError(
+                f"target {self.pattern!r} cannot split {path!r} with shape {shape}: "
+                f"stack axes {stack_axes}, input axes {in_axes} and output axes {out_axes} "
+                "must be non-empty (input/output), disjoint and cover every axis"
+            )
+        return KernelLayout(
+            path=path,
+            shape=tuple(shape),
+            dtype=jax.numpy.dtype(dtype).name,
+            stack_axes=stack_axes,
+            in_axes=in_axes,
+            out_axes=out_axes,
+        )
+
+
+ALL_LINEAR = Target(
+    pattern=r".*kernel",
+    exclude=r"(^|/)(lm_head|head|classifier|score)(/|$)",
+)
+"""Preset: every kernel with two or more dimensions, except output heads.
+
+Like PEFT's ``"all-linear"``, the model's output layer (``lm_head``, ``head``,
+``classifier``, ``score``) is left out. Leading axes beyond the last two are stacked layers.
+"""
+
+TargetsLike = str | Target | Sequence[str | Target]
+
+
+def _as_targets(targets: TargetsLike) -> tuple[Target, ...]:
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return (ALL_LINEAR,)
+        return (Target(targets),)
+    if isinstance(targets, Target):
+        return (targets,)
+    out = tuple(t for x in targets for t in _as_targets(x))
+    if not out:
+        raise TargetError("empty target list: pass at least one pattern or Target")
+    return out
+
+
+def select(params: Any, targets: TargetsLike) -> dict[str, KernelLayout]:
+    """Finds the kernels of ``params`` selected by ``targets``.
+
+    Args:
+      params: Any pytree of arrays (or ``jax.ShapeDtypeStruct``).
+      targets: A regex string, the string ``"all-linear"`` (the :data:`ALL_LINEAR` preset),
+        a :class:`Target`, or a sequence of those. When several match one leaf, the first
+        wins.
+
+    Returns:
+      A dict from key path to :class:`KernelLayout`, in the order of ``params``' leaves.
+
+    Raises:
+      TargetError: If a target matches no leaf (the message lists the paths seen), or a
+        matched leaf cannot be split as the target says.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"q": {"kernel": jnp.zeros((4, 6))}, "q_bias": jnp.zeros((6,))}
+      >>> layout = select(params, r".*/kernel")["q/kernel"]
+      >>> layout.in_axes, layout.out_axes, layout.d_in, layout.d_out
+      ((0,), (1,), 4, 6)
+    """
+    specs = _as_targets(targets)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    paths = [(path_str(kp), leaf) for kp, leaf in leaves]
+    hits = [0] * len(specs)
+    selected: dict[str, KernelLayout] = {}
+    for path, leaf in paths:
+        shape = tuple(getattr(leaf, "shape", ()))
+        for i, spec in enumerate(specs):
+            if spec.matches(path, len(shape)):
+                hits[i] += 1
+                selected[path] = spec.layout(path, shape, leaf.dtype)
+                break
+    missing = [s.pattern for s, n in zip(specs, hits) if n == 0]
+    if missing:
+        seen = [f"{p} {tuple(getattr(x, 'shape', ()))}" for p, x in paths]
+        shown = ", ".join(seen[:40]) + (f", ... ({len(seen) - 40} more)" if len(seen) > 40 else "")
+        raise TargetError(
+            f"target pattern(s) {missing} matched no leaf with >= 2 dimensions; paths seen: {shown}"
+        )
+    return selected

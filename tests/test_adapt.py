@@ -1,0 +1,223 @@
+"""adapt(fn) against the merged reference, for every model family it must see through."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jl_testing import check_against_merged, randomize
+
+import jaxlora as jl
+
+KEY = jax.random.key(0)
+
+
+def _lora(params, targets, rank=3, **kw):
+    ad = jl.lora(rank=rank, alpha=6.0, targets=targets, **kw).init(jax.random.key(1), params)
+    return randomize(ad, jax.random.key(2))
+
+
+# ----------------------------------------------------------------------------- plain JAX
+
+
+def _plain_params():
+    ks = jax.random.split(KEY, 5)
+    return {
+        "embed": jax.random.normal(ks[0], (11, 8)),
+        "w1": {"kernel": jax.random.normal(ks[1], (8, 16)) * 0.3},
+        "w2": {"kernel": jax.random.normal(ks[2], (16, 8)) * 0.3},
+        "stack": {"kernel": jax.random.normal(ks[3], (3, 8, 8)) * 0.3},
+        "bias": jnp.zeros((16,)),
+    }
+
+
+def _plain_fn(p, x):
+    h = jnp.tanh(x @ p["w1"]["kernel"] + p["bias"])
+    h = jnp.einsum("bf,fd->bd", h, p["w2"]["kernel"])
+    h = h @ p["w2"]["kernel"].T @ p["w2"]["kernel"]  # W and W.T in one chain
+    # vmap over stacked layers: dot_general with a batch dim on the stack axis
+    h = jax.vmap(lambda w, y: y @ w, in_axes=(0, None))(p["stack"]["kernel"], h).sum(0)
+    h = jax.jit(lambda a, w: a @ w.astype(jnp.float32).reshape(8, 16))(h, p["w1"]["kernel"])
+    return h
+
+
+def test_plain_jax_matches_merged_and_is_fast():
+    params = _plain_params()
+    ad = _lora(params, [r"w\d/kernel", r"stack/kernel"])
+    report = check_against_merged(_plain_fn, params, ad, jax.random.normal(KEY, (5, 8)))
+    assert report.all_fast, report
+    assert report.fast["w2/kernel"] == 3
+
+
+def test_tied_decoder_contracts_output_axis_and_lookup_merges():
+    params = _plain_params()
+    ad = _lora(params, r"embed", rank=4)
+
+    def fn(p, ids):
+        h = p["embed"][ids]  # gather: no unmerged rule, merged and reported
+        return h @ p["embed"].T  # x @ W.T: contracts the output axis, stays unmerged
+
+    report = check_against_merged(fn, params, ad, jnp.array([1, 2, 3]), strict=False)
+    assert report.fast == {"embed": 1}
+    assert list(report.merged) == ["embed"] and report.num_merged == 1
+    with pytest.raises(jl.AdaptError, match=r"'embed'.*'gather'"):
+        jl.adapt(fn, strict=True)(params, ad, jnp.array([1, 2, 3]))
+
+
+def test_cond_and_nested_jit():
+    params = _plain_params()
+    ad = _lora(params, r"w1/kernel")
+
+    def fn(p, x, flag):
+        w = p["w1"]["kernel"]
+        return jax.lax.cond(flag > 0, lambda x: jax.jit(jnp.dot)(x, w), lambda x: -(x @ w), x)
+
+    for flag in (1, -1):
+        report = check_against_merged(fn, params, ad, jnp.ones((2, 8)), jnp.int32(flag))
+        assert report.all_fast
+
+
+def test_mixed_precision_casts_stay_unmerged():
+    params = _plain_params()
+    ad = _lora(params, r"w1/kernel")
+
+    def fn(p, x):
+        return (x.astype(jnp.bfloat16) @ p["w1"]["kernel"].astype(jnp.bfloat16)).astype(jnp.float32)
+
+    x = jax.random.normal(KEY, (4, 8))
+    report = jl.adapt_report(fn, params, ad, x)
+    assert report.all_fast
+    # bf16 has an 8-bit mantissa: the unmerged sum rounds x·W and x·ΔW separately, the
+    # merged reference rounds W+ΔW once, so they agree to bf16 resolution (2^-8 relative).
+    got = jl.adapt(fn)(params, ad, x)
+    ref = fn(jl.merge(params, ad), x)
+    np.testing.assert_allclose(got, ref, rtol=2**-6, atol=2**-6 * float(jnp.abs(ref).max()))
+
+
+# ----------------------------------------------------------------------------- Flax linen
+
+
+class _LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: (b, t, 4, 6)
+        h = nn.DenseGeneral(10, axis=(-2, -1), name="proj_in")(x)  # kernel (4, 6, 10)
+        h = nn.Dense(12, name="dense")(nn.gelu(h))
+        h = nn.Einsum((12, 2, 5), "btd,dhk->bthk", name="einsum")(h)  # kernel (12, 2, 5)
+        return nn.DenseGeneral(3, axis=(-2, -1), name="out")(h)  # kernel (2, 5, 3)
+
+
+def test_linen_dense_densegeneral_einsum():
+    model = _LinenNet()
+    x = jax.random.normal(KEY, (2, 3, 4, 6))
+    params = model.init(KEY, x)["params"]
+    targets = [
+        jl.Target(r"proj_in/kernel", in_axes=(0, 1), out_axes=(2,)),
+        jl.Target(r"dense/kernel"),
+        jl.Target(r"einsum/kernel", in_axes=(0,), out_axes=(1, 2)),
+        jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)),
+    ]
+    ad = _lora(params, targets)
+    report = check_against_merged(lambda p, x: model.apply({"params": p}, x), params, ad, x)
+    assert report.all_fast and len(report.fast) == 4
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        y = nn.Dense(16, name="up")(h)
+        y = nn.Dense(8, name="down")(jax.nn.silu(y))
+        return h + y, None
+
+
+def test_linen_scan_remat_stacked_kernels():
+    Stack = nn.scan(
+        nn.remat(_Block),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=3,
+    )
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h, _ = Stack(name="layers")(x, None)
+            return h
+
+    model = Net()
+    x = jax.random.normal(KEY, (4, 8))
+    params = model.init(KEY, x)["params"]
+    assert params["layers"]["up"]["kernel"].shape == (3, 8, 16)
+    ad = _lora(params, r"layers/.*/kernel")
+    assert ad["layers"]["up"]["kernel"].a.shape == (3, 8, 3)
+    report = check_against_merged(lambda p, x: model.apply({"params": p}, x), params, ad, x)
+    assert report.all_fast and set(report.fast) == {"layers/up/kernel", "layers/down/kernel"}
+
+
+# ----------------------------------------------------------------------------- Flax NNX
+
+
+class _NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin1 = nnx.Linear(6, 12, rngs=rngs)
+        self.lin2 = nnx.Linear(12, 6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin2(nnx.relu(self.lin1(x)))
+
+
+def test_nnx_split_merge():
+    graphdef, state = nnx.split(_NnxNet(nnx.Rngs(0)))
+    ad = _lora(state, r"lin\d/kernel", rank=2)
+
+    def fn(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    report = check_against_merged(fn, state, ad, jax.random.normal(KEY, (3, 6)))
+    assert report.all_fast and set(report.fast) == {"lin1/kernel", "lin2/kernel"}
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_eager_calls_are_cached_by_shape():
+    params = _plain_params()
+    ad = _lora(params, r"w1/kernel")
+    traces = []
+
+    def fn(p, x):
+        traces.append(x.shape)
+        return x @ p["w1"]["kernel"]
+
+    f = jl.adapt(fn)
+    f(params, ad, jnp.ones((2, 8)))
+    f(params, ad, jnp.ones((2, 8)) * 3)
+    assert len(traces) == 1
+    f(params, ad, jnp.ones((5, 8)))
+    assert len(traces) == 2
+
+
+def test_static_python_arguments():
+    params = _plain_params()
+    ad = _lora(params, r"w1/kernel")
+
+    def fn(p, x, *, negate):
+        y = x @ p["w1"]["kernel"]
+        return -y if negate else y
+
+    f = jl.adapt(fn)
+    a = f(params, ad, jnp.ones((1, 8)), negate=True)
+    b = f(params, ad, jnp.ones((1, 8)), negate=False)
+    np.testing.assert_allclose(a, -b)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    params = _plain_params()
+    ad = _lora(params, r"w1/kernel")
+    bad = dict(params, w1={"kernel": jnp.ones((8, 4))})
+    with pytest.raises(ValueError, match=r"'w1/kernel'.*\(8, 16\).*\(8, 4\)"):
+        jl.adapt(lambda p: p["w1"]["kernel"].sum())(bad, ad)
+    with pytest.raises(ValueError, match=r"missing from params: \['w1/kernel'\]"):
+        jl.adapt(lambda p: p["w2"]["kernel"].sum())({"w2": params["w2"]}, ad)
