@@ -5,24 +5,42 @@
 at zero, so training starts exactly at the base model. The scale is ``alpha/r``
 (``alpha/√r`` for rsLoRA, whose updates keep their size as the rank grows).
 
+PiSSA (``init="pissa"``) starts A, B from the top-``r`` singular triplets of W instead, so
+the adapter holds W's principal part and training moves it; the base must then hold the
+residual ``W - s·A@B`` (see :func:`pissa`), which is why that init reads W's values and
+returns a method named ``"pissa"``.
+
 References:
   Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models,
   https://arxiv.org/abs/2106.09685. Kalajdzievski, 2023, A Rank Stabilization Scaling
-  Factor for Fine-Tuning with LoRA, https://arxiv.org/abs/2312.03732.
+  Factor for Fine-Tuning with LoRA, https://arxiv.org/abs/2312.03732. Meng et al., 2024,
+  PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
+  Models, https://arxiv.org/abs/2404.02948.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
+from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter, unmerge
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
 
-__all__ = ["LoraAdapter", "check_rank", "kaiming_a", "lora"]
+__all__ = [
+    "LoraAdapter",
+    "canonical_kernel",
+    "check_rank",
+    "init_lora",
+    "kaiming_a",
+    "leaves_by_path",
+    "lora",
+    "pissa",
+]
 
 
 @register_adapter
@@ -61,12 +79,33 @@ def kaiming_a(key: jax.Array, layout: KernelLayout, rank: int, dtype: Any) -> ja
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def canonical_kernel(w: jax.Array, layout: KernelLayout) -> jax.Array:
+    """``w`` as ``(stack..., d_in, d_out)``: axes in (stack, in, out) order, in/out flattened."""
+    w = jnp.transpose(w, layout.canonical_order)
+    return w.reshape(*layout.stack_shape, layout.d_in, layout.d_out)
+
+
+def _pissa_factors(
+    w: jax.Array, layout: KernelLayout, rank: int, scale: float, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    # W = U S Vh; s·A@B must equal the top-r part U_r S_r Vh_r, so the singular values are
+    # divided by s before being split evenly (√) between A and B, as PEFT's pissa init does.
+    u, sv, vh = jnp.linalg.svd(canonical_kernel(w, layout).astype(jnp.float32), full_matrices=False)
+    root = jnp.sqrt(sv[..., :rank] / scale)
+    a = u[..., :, :rank] * root[..., None, :]
+    b = root[..., :, None] * vh[..., :rank, :]
+    a = a.reshape(*layout.stack_shape, *layout.in_shape, rank)
+    b = b.reshape(*layout.stack_shape, rank, *layout.out_shape)
+    return a.astype(dtype), b.astype(dtype)
+
+
 def lora(
     *,
     rank: int = 8,
     alpha: float = 8.0,
     targets: TargetsLike = "all-linear",
     rslora: bool = False,
+    init: str = "kaiming",
     dtype: Any = jnp.float32,
 ) -> Method:
     """LoRA: ``W + (alpha/r)·A@B`` with trainable ``A``, ``B`` and a frozen ``W``.
@@ -77,6 +116,10 @@ def lora(
       targets: Which kernels to adapt: a regex over ``"/"``-joined key paths, a
         :class:`jaxlora.Target`, a list of them, or ``"all-linear"``.
       rslora: Scale by ``alpha/√r`` instead (rank-stabilised LoRA).
+      init: ``"kaiming"`` (the reference init: A kaiming-uniform, B = 0; ``init`` reads only
+        shapes) or ``"pissa"`` (A, B from the top-``rank`` SVD of each kernel; ``init`` reads
+        the kernels' values, and the base must be replaced by the residual: use
+        :func:`pissa`). The PiSSA method is named ``"pissa"``.
       dtype: dtype of the adapter arrays (float32 by default, whatever the base dtype: the
         adapted product casts them to the compute dtype where they are used).
 
@@ -86,6 +129,8 @@ def lora(
     Raises:
       TargetError: From ``init``, if a target matches nothing or ``rank`` exceeds a kernel's
         ``min(d_in, d_out)``.
+      ValueError: If ``init`` is unknown, or ``init="pissa"`` with ``alpha <= 0`` (the
+        singular values are divided by the scale).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlora as jl
@@ -98,24 +143,113 @@ def lora(
 
     References:
       Hu et al., 2021, https://arxiv.org/abs/2106.09685 (LoRA);
-      Kalajdzievski, 2023, https://arxiv.org/abs/2312.03732 (rsLoRA).
+      Kalajdzievski, 2023, https://arxiv.org/abs/2312.03732 (rsLoRA);
+      Meng et al., 2024, https://arxiv.org/abs/2404.02948 (PiSSA).
     """
+    if not isinstance(rank, int) or rank < 1:
+        raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    if init not in ("kaiming", "pissa"):
+        raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
+    if init == "pissa" and not alpha > 0:
+        raise ValueError(f"lora(init='pissa') needs alpha > 0, got alpha={alpha!r}")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
+    if init == "kaiming":
+        return Method(
+            "lora",
+            functools.partial(init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype),
+        )
+
+    def init_pissa(key: jax.Array, params: Any) -> dict[str, Any]:
+        del key  # the SVD is exact and deterministic
         layouts = select(params, targets)
-        for layout in layouts.values():
-            check_rank(layout, rank)
-        keys = jax.random.split(key, len(layouts))
+        kernels = leaves_by_path(params)
         nodes = {}
-        for k, (path, layout) in zip(keys, layouts.items()):
-            nodes[path] = LoraAdapter(
-                layout=layout,
-                rank=rank,
-                scale=float(scale),
-                a=kaiming_a(k, layout, rank, dtype),
-                b=jnp.zeros((*layout.stack_shape, rank, *layout.out_shape), dtype),
-            )
+        for path, layout in layouts.items():
+            check_rank(layout, rank)
+            a, b = _pissa_factors(kernels[path], layout, rank, scale, dtype)
+            nodes[path] = LoraAdapter(layout=layout, rank=rank, scale=float(scale), a=a, b=b)
         return nest(nodes)
 
-    return Method("lora", init)
+    return Method("pissa", init_pissa)
+
+
+def init_lora(
+    key: jax.Array,
+    params: Any,
+    *,
+    targets: TargetsLike,
+    rank: int,
+    scale: float,
+    dtype: Any,
+    cls: type = LoraAdapter,
+    **extra: Callable[[KernelLayout, Any], Any],
+) -> dict[str, Any]:
+    """The reference LoRA init (A kaiming-uniform, B = 0) as ``cls`` nodes (shape-only).
+
+    Methods built on LoRA's factors (LoRA-FA, DoRA) reuse it; ``extra`` maps further
+    array fields of ``cls`` to ``fn(layout, kernel) -> array``.
+    """
+    layouts = select(params, targets)
+    for layout in layouts.values():
+        check_rank(layout, rank)
+    keys = jax.random.split(key, len(layouts))
+    kernels = leaves_by_path(params) if extra else {}
+    nodes = {}
+    for k, (path, layout) in zip(keys, layouts.items()):
+        nodes[path] = cls(
+            layout=layout,
+            rank=rank,
+            scale=float(scale),
+            a=kaiming_a(k, layout, rank, dtype),
+            b=jnp.zeros((*layout.stack_shape, rank, *layout.out_shape), dtype),
+            **{name: fn(layout, kernels[path]) for name, fn in extra.items()},
+        )
+    return nest(nodes)
+
+
+def leaves_by_path(params: Any) -> dict[str, Any]:
+    """The leaves of ``params`` keyed by their ``"/"``-joined key path."""
+    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def pissa(key: jax.Array, params: Any, method: Method) -> tuple[Any, dict[str, Any]]:
+    """Initialises PiSSA adapters and the residual base they belong with.
+
+    PiSSA moves each kernel's principal part into the adapter: ``s·A@B`` is the top-``r``
+    SVD part of ``W``, and the base becomes the residual ``W - s·A@B``, so the adapted
+    model starts exactly at the original one: ``merge(residual, adapters) == params``.
+
+    Args:
+      key: A PRNG key (unused by the exact SVD; kept so every init has one signature).
+      params: The original base parameters (values are read, not only shapes).
+      method: A method from ``jl.lora(..., init="pissa")``.
+
+    Returns:
+      ``(residual_params, adapters)``; train with ``residual_params`` as the frozen base.
+
+    Raises:
+      ValueError: If ``method`` is not a PiSSA-initialised LoRA.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+      >>> method = jl.lora(rank=2, targets=".*kernel", init="pissa")
+      >>> residual, adapters = jl.pissa(jax.random.key(1), params, method)
+      >>> w, back = params["dense"]["kernel"], jl.merge(residual, adapters)["dense"]["kernel"]
+      >>> bool(jnp.allclose(back, w, atol=1e-5))
+      True
+      >>> sv = jnp.linalg.svd(residual["dense"]["kernel"], compute_uv=False)
+      >>> bool(sv[2] < 1e-5)  # the residual lost exactly the top-2 directions
+      True
+
+    References:
+      Meng et al., 2024, https://arxiv.org/abs/2404.02948.
+    """
+    if method.name != "pissa":
+        raise ValueError(
+            f"pissa() needs a method built with jl.lora(..., init='pissa'), got method "
+            f"{method.name!r}"
+        )
+    adapters = method.init(key, params)
+    return unmerge(params, adapters), adapters
