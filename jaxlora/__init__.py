@@ -1,7 +1,8 @@
 """jaxlora: parameter-efficient fine-tuning as pure functions over JAX parameter pytrees."""
 
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
-from jaxlora.adapters import Adapter, Method, labels, merge, num_trainable, unmerge
+from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
+from jaxlora.full import full
 from jaxlora.lora import lora
 from jaxlora.optim import optimizer
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
@@ -17,6 +18,8 @@ __all__ = [
     "TargetError",
     "adapt",
     "adapt_report",
+    "compose",
+    "full",
     "labels",
     "lora",
     "merge",

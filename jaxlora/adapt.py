@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlora.adapters import Adapter, adapter_nodes, shared_state
+from jaxlora.adapters import (
+    Adapter,
+    adapter_nodes,
+    check_full_leaf,
+    check_kernel,
+    full_leaves,
+    shared_state,
+)
 from jaxlora.targets import path_str
 
 __all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report"]
@@ -185,7 +192,7 @@ def _broadcast(x: jax.Array, x_labels: str, out_labels: str) -> jax.Array:
 
 
 def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
-    f = node.factors(shared)
+    f = node.kernel_factors(w, shared)
     lay = node.layout
     roles = [STACK] * len(lay.shape)
     for ax in lay.in_axes:
@@ -590,14 +597,28 @@ def adapt(fn: Callable, *, strict: bool = False) -> Callable:
     @functools.wraps(fn)
     def adapted(params, adapters, *args, **kwargs):
         nodes = adapter_nodes(adapters)
+        full = full_leaves(adapters)
         shared = shared_state(adapters)
         ctx = _Ctx(strict, tuple(nodes))
-        p_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-        n_params = len(p_leaves)
+        paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+        # Check and substitute targeted params leaves first: a mismatch must be reported as
+        # such, not as whatever shape error tracing fn on the wrong params would raise.
+        seen = set()
+        for i, (path, w) in enumerate(zip(paths, leaves)):
+            if path in full:  # a fully trained copy stands in for the base leaf
+                check_full_leaf(path, full[path], w)
+                leaves[i] = full[path]
+                seen.add(path)
+            elif path in nodes:
+                check_kernel(nodes[path], w)
+                seen.add(path)
+        missing = sorted((set(nodes) | set(full)) - seen)
+        if missing:
+            raise ValueError(f"adapters target kernels missing from params: {missing}")
+
         static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
-        dyn = [x for x in leaves if _is_dynamic(x)]
-        avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dyn)
+        avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves if _is_dynamic(x))
         try:
             closed, out_tree = trace(treedef, static, avals)
         except TypeError as e:
@@ -606,29 +627,12 @@ def adapt(fn: Callable, *, strict: bool = False) -> Callable:
             raise TypeError(
                 "adapt: non-array arguments are treated as static and must be hashable"
             ) from e
-
-        # map each targeted params leaf to its position among the dynamic inputs
-        inputs = list(dyn)
-        seen = set()
-        pos = 0
-        for i, (kp, _) in enumerate(p_leaves):
-            if static[i] is not _DYN:
-                continue
-            node = nodes.get(path_str(kp))
-            if node is not None:
-                w = inputs[pos]
-                if tuple(w.shape) != node.layout.shape:
-                    raise ValueError(
-                        f"adapter for {node.layout.path!r} was made for shape "
-                        f"{node.layout.shape}, but params hold shape {tuple(w.shape)} there"
-                    )
-                inputs[pos] = _from_node(w, node, shared)
-                seen.add(node.layout.path)
-            pos += 1
-        del n_params
-        missing = sorted(set(nodes) - seen)
-        if missing:
-            raise ValueError(f"adapters target kernels missing from params: {missing}")
+        # params leaves come first in `leaves`; targeted kernels become lazy (W, A, B) values
+        inputs = [
+            _from_node(x, nodes[paths[i]], shared) if i < len(paths) and paths[i] in nodes else x
+            for i, x in enumerate(leaves)
+            if _is_dynamic(x)
+        ]
 
         outs = _eval(ctx, closed.jaxpr, closed.consts, inputs)
         outs = _plain(ctx, outs, "function output", closed)

@@ -46,6 +46,14 @@ SHARED_KEY = "__shared__"
 FROZEN = "frozen"
 """The label of adapter arrays that are never trained."""
 
+FULL_KEY = "__full__"
+"""Top-level key of the adapters tree holding fully trained copies of base leaves."""
+
+FULL = "full"
+"""The label of fully trained leaves (a classifier head, or everything in full fine-tuning)."""
+
+_RESERVED = (SHARED_KEY, FULL_KEY)
+
 
 class Factors(NamedTuple):
     """A method's update in canonical form (see the module docstring)."""
@@ -72,9 +80,18 @@ class Adapter:
         """The canonical ``(A, B, scale, col_scale)`` of this adapter."""
         raise TypeError(f"{type(self).__name__} must define factors()")
 
-    def delta(self, shared: dict[str, Any]) -> jax.Array:
+    def kernel_factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        """The canonical factors for base kernel ``w``.
+
+        Only methods whose update depends on the base kernel's values (DoRA's column scale
+        is ``m / ||W + ΔW||``) override this; for the others it is :meth:`factors`.
+        """
+        del w
+        return self.factors(shared)
+
+    def delta(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array:
         """``scale * A@B`` laid out like the kernel (``col_scale`` not applied)."""
-        f = self.factors(shared)
+        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
         lay = self.layout
         ns, ni, no = len(lay.stack_axes), len(lay.in_axes), len(lay.out_axes)
         letters = iter(string.ascii_letters)
@@ -88,9 +105,10 @@ class Adapter:
             inverse[ax] = pos
         return f.scale * jnp.transpose(d, inverse)
 
-    def col_scale(self, shared: dict[str, Any]) -> jax.Array | None:
+    def col_scale(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array | None:
         """``col_scale`` broadcast to the kernel's axes, or ``None``."""
-        c = self.factors(shared).col_scale
+        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
+        c = f.col_scale
         if c is None:
             return None
         lay = self.layout
@@ -102,12 +120,12 @@ class Adapter:
         return jnp.transpose(c, perm).reshape(shape)
 
     def merge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        out = w + self.delta(shared).astype(w.dtype)
-        c = self.col_scale(shared)
+        out = w + self.delta(shared, w).astype(w.dtype)
+        c = self.col_scale(shared, w)
         return out if c is None else (out * c).astype(w.dtype)
 
     def unmerge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        if self.factors(shared).col_scale is not None:
+        if self.kernel_factors(w, shared).col_scale is not None:
             raise ValueError(
                 f"{type(self).__name__} at {self.layout.path!r} rescales columns with a "
                 "magnitude that depends on the unmerged kernel; it cannot be unmerged from "
@@ -137,7 +155,7 @@ def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
         raise TypeError(
             f"adapters must be the dict returned by a method's init(), got {type(adapters)}"
         )
-    body = {k: v for k, v in adapters.items() if k != SHARED_KEY}
+    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
     leaves = jax.tree_util.tree_leaves(body, is_leaf=_is_node)
     nodes = {}
     for leaf in leaves:
@@ -148,6 +166,21 @@ def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
             )
         nodes[leaf.layout.path] = leaf
     return nodes
+
+
+def full_leaves(adapters: dict[str, Any]) -> dict[str, Any]:
+    """The fully trained leaves of an adapters tree, keyed by the base leaf's path."""
+    flat = jax.tree_util.tree_flatten_with_path(adapters.get(FULL_KEY, {}))[0]
+    return {path_str(kp): x for kp, x in flat}
+
+
+def check_full_leaf(path: str, value: Any, w: Any) -> None:
+    """Raises if a fully trained copy no longer fits the base leaf it replaces."""
+    if tuple(value.shape) != tuple(w.shape) or value.dtype != w.dtype:
+        raise ValueError(
+            f"fully trained leaf {path!r} is {value.dtype}{list(value.shape)} but params hold "
+            f"{w.dtype}{list(w.shape)} there"
+        )
 
 
 def shared_state(adapters: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +200,8 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_kernel(node: Adapter, w: Any) -> None:
+def check_kernel(node: Adapter, w: Any) -> None:
+    """Raises if ``w`` is not the shape the adapter was made for."""
     lay = node.layout
     if tuple(w.shape) != lay.shape:
         raise ValueError(
@@ -176,21 +210,27 @@ def _check_kernel(node: Adapter, w: Any) -> None:
         )
 
 
-def _map_targeted(params: Any, adapters: Any, fn) -> Any:
+def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
     nodes = adapter_nodes(adapters)
+    full = full_leaves(adapters)
     shared = shared_state(adapters)
     seen = set()
 
     def visit(kp, w):
-        node = nodes.get(path_str(kp))
+        path = path_str(kp)
+        if path in full:
+            seen.add(path)
+            check_full_leaf(path, full[path], w)
+            return full_fn(path, full[path], w)
+        node = nodes.get(path)
         if node is None:
             return w
         seen.add(node.layout.path)
-        _check_kernel(node, w)
+        check_kernel(node, w)
         return fn(node, w, shared)
 
     out = jax.tree_util.tree_map_with_path(visit, params)
-    missing = sorted(set(nodes) - seen)
+    missing = sorted((set(nodes) | set(full)) - seen)
     if missing:
         raise ValueError(f"adapters target kernels missing from params: {missing}")
     return out
@@ -219,7 +259,12 @@ def merge(params: Any, adapters: Any) -> Any:
       >>> bool((jl.merge(params, adapters)["dense"]["kernel"] == 1).all())  # B starts at 0
       True
     """
-    return _map_targeted(params, adapters, lambda node, w, sh: node.merge_kernel(w, sh))
+    return _map_targeted(
+        params,
+        adapters,
+        lambda node, w, sh: node.merge_kernel(w, sh),
+        lambda path, value, w: value,
+    )
 
 
 def unmerge(params: Any, adapters: Any) -> Any:
@@ -243,7 +288,14 @@ def unmerge(params: Any, adapters: Any) -> Any:
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
       True
     """
-    return _map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh))
+
+    def no_base(path, value, w):
+        raise ValueError(
+            f"{path!r} is fully trained (replaced, not adapted): merging discarded its base "
+            "value, so it cannot be unmerged; keep the original params instead"
+        )
+
+    return _map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base)
 
 
 def labels(adapters: Any) -> Any:
@@ -271,8 +323,10 @@ def labels(adapters: Any) -> Any:
             return dataclasses.replace(x, **{f: x.LABELS[f] for f in x.ARRAYS})
         return FROZEN
 
-    body = {k: v for k, v in adapters.items() if k != SHARED_KEY}
+    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
     out = jax.tree_util.tree_map(label_node, body, is_leaf=_is_node)
+    if FULL_KEY in adapters:
+        out[FULL_KEY] = jax.tree_util.tree_map(lambda x: FULL, adapters[FULL_KEY])
     if SHARED_KEY in adapters:
         # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
         # otherwise
@@ -305,3 +359,52 @@ class Method(NamedTuple):
 
     name: str
     init: Any
+
+
+def compose(*methods: Method) -> Method:
+    """Several methods at once, on disjoint targets: one ``init`` returning one tree.
+
+    Args:
+      *methods: The methods; each gets its own PRNG key (split from ``init``'s).
+
+    Returns:
+      A :class:`Method` named ``"a+b+..."``.
+
+    Raises:
+      ValueError: From ``init``, if two methods target the same leaf.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"body": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+      >>> method = jl.compose(jl.lora(rank=2, targets="body/kernel"), jl.full(targets="head/.*"))
+      >>> adapters = method.init(jax.random.key(0), params)
+      >>> sorted(set(jax.tree_util.tree_leaves(jl.labels(adapters))))
+      ['full', 'lora_a', 'lora_b']
+    """
+    if not methods:
+        raise ValueError("compose needs at least one method")
+
+    def init(key: jax.Array, params: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        for method, k in zip(methods, jax.random.split(key, len(methods))):
+            tree = method.init(k, params)
+            paths = [*adapter_nodes(tree), *full_leaves(tree)]
+            clash = sorted(p for p in paths if p in owner)
+            if clash:
+                raise ValueError(
+                    f"compose: {method.name!r} and {owner[clash[0]]!r} both target {clash}"
+                )
+            owner.update(dict.fromkeys(paths, method.name))
+            _deep_update(out, tree)
+        return out
+
+    return Method("+".join(m.name for m in methods), init)
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v

@@ -197,21 +197,57 @@ Like PEFT's ``"all-linear"``, the model's output layer (``lm_head``, ``head``,
 TargetsLike = str | Target | Sequence[str | Target]
 
 
-def _as_targets(targets: TargetsLike) -> tuple[Target, ...]:
+def as_targets(targets: TargetsLike) -> tuple[Target, ...]:
+    """Normalises a targets argument (regex, ``"all-linear"``, Target, or a list) to Targets."""
     if isinstance(targets, str):
         if targets == "all-linear":
             return (ALL_LINEAR,)
         return (Target(targets),)
     if isinstance(targets, Target):
         return (targets,)
-    out = tuple(t for x in targets for t in _as_targets(x))
+    out = tuple(t for x in targets for t in as_targets(x))
     if not out:
         raise TargetError("empty target list: pass at least one pattern or Target")
     return out
 
 
+def match(params: Any, targets: TargetsLike) -> dict[str, tuple[Target, Any]]:
+    """Finds the leaves of ``params`` selected by ``targets``, with the target that won.
+
+    Args:
+      params: Any pytree of arrays (or ``jax.ShapeDtypeStruct``).
+      targets: As for :func:`select`.
+
+    Returns:
+      A dict from key path to ``(target, leaf)``, in the order of ``params``' leaves.
+
+    Raises:
+      TargetError: If a target matches no leaf; the message lists the paths seen.
+    """
+    specs = as_targets(targets)
+    paths = [(path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+    hits = [0] * len(specs)
+    matched: dict[str, tuple[Target, Any]] = {}
+    for path, leaf in paths:
+        ndim = len(getattr(leaf, "shape", ()))
+        for i, spec in enumerate(specs):
+            if spec.matches(path, ndim):
+                hits[i] += 1
+                matched[path] = (spec, leaf)
+                break
+    missing = [(s.pattern, s.min_ndim) for s, n in zip(specs, hits) if n == 0]
+    if missing:
+        seen = [f"{p} {tuple(getattr(x, 'shape', ()))}" for p, x in paths]
+        shown = ", ".join(seen[:40]) + (f", ... ({len(seen) - 40} more)" if len(seen) > 40 else "")
+        raise TargetError(
+            f"target pattern(s) {[p for p, _ in missing]} matched no leaf (with at least "
+            f"{missing[0][1]} dimensions); paths seen: {shown}"
+        )
+    return matched
+
+
 def select(params: Any, targets: TargetsLike) -> dict[str, KernelLayout]:
-    """Finds the kernels of ``params`` selected by ``targets``.
+    """Finds the kernels of ``params`` selected by ``targets`` and how each one splits.
 
     Args:
       params: Any pytree of arrays (or ``jax.ShapeDtypeStruct``).
@@ -233,23 +269,7 @@ def select(params: Any, targets: TargetsLike) -> dict[str, KernelLayout]:
       >>> layout.in_axes, layout.out_axes, layout.d_in, layout.d_out
       ((0,), (1,), 4, 6)
     """
-    specs = _as_targets(targets)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [(path_str(kp), leaf) for kp, leaf in leaves]
-    hits = [0] * len(specs)
-    selected: dict[str, KernelLayout] = {}
-    for path, leaf in paths:
-        shape = tuple(getattr(leaf, "shape", ()))
-        for i, spec in enumerate(specs):
-            if spec.matches(path, len(shape)):
-                hits[i] += 1
-                selected[path] = spec.layout(path, shape, leaf.dtype)
-                break
-    missing = [s.pattern for s, n in zip(specs, hits) if n == 0]
-    if missing:
-        seen = [f"{p} {tuple(getattr(x, 'shape', ()))}" for p, x in paths]
-        shown = ", ".join(seen[:40]) + (f", ... ({len(seen) - 40} more)" if len(seen) > 40 else "")
-        raise TargetError(
-            f"target pattern(s) {missing} matched no leaf with >= 2 dimensions; paths seen: {shown}"
-        )
-    return selected
+    return {
+        path: spec.layout(path, tuple(leaf.shape), leaf.dtype)
+        for path, (spec, leaf) in match(params, targets).items()
+    }

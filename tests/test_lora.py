@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jl_testing import randomize
 
 import jaxlora as jl
@@ -83,3 +84,33 @@ def test_bf16_base_keeps_float32_adapters_and_merges_to_bf16():
     ad = jl.lora(rank=4, targets=".*kernel").init(jax.random.key(0), p16)
     assert ad["a"]["kernel"].a.dtype == jnp.float32
     assert jl.merge(p16, ad)["a"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_full_and_compose_train_a_head_beside_lora():
+    params = {
+        "body": {"kernel": PARAMS["a"]["kernel"]},
+        "head": {"kernel": jnp.ones((32, 3)), "bias": jnp.zeros((3,))},
+    }
+    method = jl.compose(jl.lora(rank=2, targets="body/kernel"), jl.full(targets="head/.*"))
+    ad = method.init(jax.random.key(0), params)
+    assert jl.num_trainable(ad) == 2 * (64 + 32) + 32 * 3 + 3
+    ad = randomize(ad, jax.random.key(1))
+
+    def fn(p, x):
+        return jnp.tanh(x @ p["body"]["kernel"]) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    from jl_testing import check_against_merged
+
+    report = check_against_merged(fn, params, ad, jnp.ones((5, 64)))
+    assert report.all_fast
+    merged = jl.merge(params, ad)
+    np.testing.assert_array_equal(merged["head"]["bias"], ad["__full__"]["head"]["bias"])
+    with pytest.raises(ValueError, match=r"'head/bias' is fully trained"):
+        jl.unmerge(merged, ad)
+    with pytest.raises(ValueError, match=r"both target \['body/kernel'\]"):
+        jl.compose(jl.lora(rank=2, targets="body/kernel"), jl.full(targets="body/.*")).init(
+            jax.random.key(0), params
+        )
+    bad = dict(params, head={"kernel": jnp.ones((32, 4)), "bias": jnp.zeros((3,))})
+    with pytest.raises(ValueError, match=r"'head/kernel' is float32\[32, 3\]"):
+        jl.adapt(fn)(bad, ad, jnp.ones((5, 64)))
