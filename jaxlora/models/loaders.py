@@ -1,0 +1,609 @@
+"""Weight and tokenizer loaders: Hugging Face safetensors and llama.cpp GGUF to jaxlora trees.
+
+Every loader follows the same three steps, so the format-specific code is only a name table
+and a tensor reader:
+
+1. A *plan* lists, for the given config, each tensor the file must hold: its name in the
+   file, its expected shape there, its key path in the jaxlora tree and a transform (the
+   torch ``(out, in)`` to JAX ``(in, out)`` transpose, llama.cpp's q/k un-permutation).
+2. The plan is checked against the file's tensor names and shapes *before* any data is
+   read; missing, unexpected or mis-shaped tensors raise one ValueError that names them.
+3. Tensors are read one at a time (safetensors memory-mapped, GGUF dequantised to float32),
+   transformed and put on the device immediately, so besides the finished tree at most one
+   tensor (or, with ``scan_layers``, one stacked group) exists as a host copy: never more
+   than two copies of the weights.
+
+Tokenizers come from the files shipped with the model: a ``tokenizer.json`` when present,
+otherwise the vocabulary and merges embedded in the GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlora.models.bert import BertConfig
+from jaxlora.models.llama import LlamaConfig
+
+PathLike = str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One planned tensor: where it is in the file, and where it goes in the tree."""
+
+    source: str
+    shape: tuple[int, ...]
+    path: tuple[str, ...]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+class _SafetensorsReader:
+    """Tensors of one or more safetensors files, memory-mapped, by name."""
+
+    def __init__(self, files: Iterable[Path]):
+        from safetensors import safe_open
+
+        self._handles = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            handle = safe_open(str(file), framework="numpy")
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                self._handles[name] = handle
+                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handles[name].get_tensor(name)
+
+
+class _GGUFReader:
+    """Tensors of a GGUF file by name, dequantised to float32 on read."""
+
+    def __init__(self, reader):
+        self._tensors = {t.name: t for t in reader.tensors}
+        # ggml lists dimensions fastest-first; numpy (and the torch layout) is the reverse.
+        self.shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+
+    def read(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[name]
+        return dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
+
+
+# ---------------------------------------------------------------------- plan and build
+
+
+def _check(
+    plan: list[_Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    strict: bool,
+    ignore: Callable[[str], bool],
+    what: str,
+) -> None:
+    wanted = {t.source: t for t in plan}
+    missing = sorted(set(wanted) - set(shapes))
+    extra = sorted(n for n in set(shapes) - set(wanted) if not ignore(n)) if strict else []
+    wrong = sorted(
+        f"{n}: file has {shapes[n]}, expected {wanted[n].shape}"
+        for n in set(wanted) & set(shapes)
+        if tuple(shapes[n]) != wanted[n].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        problems.append(f"unexpected tensors {extra} (pass strict=False to ignore them)")
+    if wrong:
+        problems.append(f"wrong shapes {wrong}")
+    if problems:
+        raise ValueError(f"{what} does not match the model config: " + "; ".join(problems))
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _build(plan: list[_Tensor], reader, *, dtype: Any, stack_layers: bool) -> dict[str, Any]:
+    """Reads, transforms and places every planned tensor; stacks per-layer ones if asked."""
+
+    def load(t: _Tensor) -> np.ndarray:
+        x = reader.read(t.source)
+        return (t.transform(x) if t.transform else x).astype(dtype, copy=False)
+
+    tree: dict[str, Any] = {}
+    groups: dict[tuple[str, ...], dict[int, _Tensor]] = {}
+    for t in plan:
+        if stack_layers and t.path[0] == "layers":
+            groups.setdefault(t.path[2:], {})[int(t.path[1])] = t
+        else:
+            _set(tree, t.path, jax.device_put(load(t)))
+    for rest, layers in groups.items():
+        # One group (e.g. every layer's q_proj) at a time keeps the host copy to 1/7 or so
+        # of the weights, instead of holding all per-layer arrays until the end.
+        first = load(layers[0])
+        stacked = np.empty((len(layers), *first.shape), dtype=first.dtype)
+        stacked[0] = first
+        for i in range(1, len(layers)):
+            stacked[i] = load(layers[i])
+        _set(tree, ("layers", *rest), jax.device_put(stacked))
+        del first, stacked
+    return tree
+
+
+# ------------------------------------------------------------------------------- Llama
+
+
+_LLAMA_LAYER = {  # jaxlora name: (HF name, GGUF name)
+    ("attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("attn", "o_proj", "kernel"): ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("input_norm", "scale"): ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", "ffn_norm.weight"),
+}
+
+
+def _unpermute_rows(heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Inverse of llama.cpp's conversion-time q/k row permutation, then the JAX transpose.
+
+    llama.cpp rotates adjacent pairs (2j, 2j+1) of each head; Hugging Face rotates (j,
+    j + head_dim/2). Its converter reorders each head's output rows from the latter layout
+    to the former, viewing them as (2, head_dim/2) and swapping the two axes. Undoing it
+    views them as (head_dim/2, 2) and swaps back.
+    """
+
+    def unpermute(w: np.ndarray) -> np.ndarray:
+        rows, cols = w.shape
+        w = w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2)
+        return w.reshape(rows, cols).T
+
+    return unpermute
+
+
+def _llama_plan(config: LlamaConfig, fmt: str) -> list[_Tensor]:
+    """The tensors a ``fmt`` ("hf" or "gguf") Llama checkpoint holds for ``config``."""
+    c = config
+    d, q_out, kv_out = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    torch_shapes = {  # (out, in) as both formats store linear weights
+        "q_proj": (q_out, d),
+        "k_proj": (kv_out, d),
+        "v_proj": (kv_out, d),
+        "o_proj": (d, q_out),
+        "gate_proj": (c.intermediate_size, d),
+        "up_proj": (c.intermediate_size, d),
+        "down_proj": (d, c.intermediate_size),
+        "input_norm": (d,),
+        "post_attn_norm": (d,),
+    }
+    gguf = fmt == "gguf"
+    plan = [
+        _Tensor(
+            "token_embd.weight" if gguf else "embed_tokens.weight",
+            (c.vocab_size, d),
+            ("embed", "embedding"),
+        ),
+        _Tensor("output_norm.weight" if gguf else "norm.weight", (d,), ("final_norm", "scale")),
+    ]
+    if not c.tie_embeddings:
+        plan.append(
+            _Tensor(
+                "output.weight" if gguf else "lm_head.weight",
+                (c.vocab_size, d),
+                ("lm_head", "kernel"),
+                _transpose,
+            )
+        )
+    for i in range(c.num_layers):
+        for rest, (hf_name, gguf_name) in _LLAMA_LAYER.items():
+            source = f"blk.{i}.{gguf_name}" if gguf else f"layers.{i}.{hf_name}"
+            transform = _transpose if rest[-1] == "kernel" else None
+            if gguf and rest[1] == "q_proj":
+                transform = _unpermute_rows(c.num_heads)
+            elif gguf and rest[1] == "k_proj":
+                transform = _unpermute_rows(c.num_kv_heads)
+            plan.append(
+                _Tensor(source, torch_shapes[rest[-2]], ("layers", str(i), *rest), transform)
+            )
+    return plan
+
+
+def _with_prefix(
+    plan: list[_Tensor], shapes: Mapping[str, Any], prefix: str, unprefixed: Callable[[str], bool]
+) -> list[_Tensor]:
+    """Prefixes planned names when the file was saved from a model with a head.
+
+    ``LlamaForCausalLM`` stores ``model.layers...`` beside ``lm_head.weight``; ``LlamaModel``
+    stores ``layers...``. Likewise ``bert.`` for BERT task models.
+    """
+    if not any(n.startswith(prefix) for n in shapes):
+        return plan
+    return [
+        t if unprefixed(t.source) else dataclasses.replace(t, source=prefix + t.source)
+        for t in plan
+    ]
+
+
+def _safetensors_files(path: PathLike) -> tuple[Path, list[Path]]:
+    """Resolves a checkpoint directory (or a single ``.safetensors`` file) to its files."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent, [path]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return path, [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return path, [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _read_hf_config(directory: Path) -> dict[str, Any]:
+    file = directory / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; pass config= explicitly")
+    return json.loads(file.read_text())
+
+
+def load_llama_safetensors(
+    path: PathLike,
+    *,
+    config: LlamaConfig | None = None,
+    dtype: Any = np.float32,
+    strict: bool = True,
+    **overrides: Any,
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Loads a Hugging Face Llama checkpoint (``save_pretrained`` layout).
+
+    Args:
+      path: a checkpoint directory (``config.json`` plus ``model.safetensors`` or a sharded
+        index) or one ``.safetensors`` file.
+      config: the model config; read from ``config.json`` beside the weights when None.
+      dtype: dtype of the returned parameters.
+      strict: raise on tensors the model does not use (rotary ``inv_freq`` buffers, and a
+        redundant ``lm_head.weight`` when embeddings are tied, are always tolerated).
+      **overrides: config fields to set, e.g. ``scan_layers=True``.
+
+    Returns:
+      ``(config, params)``.
+
+    Raises:
+      ValueError: if tensors are missing, unexpected or mis-shaped (all named).
+      FileNotFoundError: if the files are not there.
+    """
+    directory, files = _safetensors_files(path)
+    if config is None:
+        config = LlamaConfig.from_hf_config(_read_hf_config(directory))
+    config = dataclasses.replace(config, **overrides)
+    reader = _SafetensorsReader(files)
+    plan = _with_prefix(
+        _llama_plan(config, "hf"), reader.shapes, "model.", lambda n: n.startswith("lm_head.")
+    )
+    ignore = lambda n: (
+        n.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and n == "lm_head.weight")
+    )
+    _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"checkpoint {path}")
+    return config, _build(plan, reader, dtype=dtype, stack_layers=config.scan_layers)
+
+
+def _gguf_field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _float32(value: float) -> float:
+    # GGUF stores float32: 1e-5 reads back as 9.999999747378752e-06. The shortest decimal
+    # that round-trips through float32 is the value the model's author wrote.
+    return float(str(np.float32(value)))
+
+
+def llama_config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
+    """Reads a Llama config from GGUF metadata (``llama.*`` keys).
+
+    Args:
+      reader: a ``gguf.GGUFReader``.
+      **overrides: config fields to set on top.
+
+    Returns:
+      The config. Embeddings count as tied when the file has no ``output.weight``.
+
+    Raises:
+      ValueError: if the file is not a Llama-architecture model.
+    """
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"expected a GGUF with general.architecture 'llama', got {arch!r}")
+    g = lambda key, default=None: _gguf_field(reader, f"llama.{key}", default)
+    names = {t.name for t in reader.tensors}
+    vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+    heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    fields = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=int(g("attention.key_length", hidden // heads)),
+        rope_theta=_float32(g("rope.freq_base", 10000.0)),
+        rms_norm_eps=_float32(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_embeddings="output.weight" not in names,
+        max_position_embeddings=int(g("context_length", 2048)),
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def load_llama_gguf(
+    path: PathLike, *, dtype: Any = np.float32, strict: bool = True, **overrides: Any
+) -> tuple[LlamaConfig, dict[str, Any]]:
+    """Loads a llama.cpp GGUF Llama model, dequantised, with q/k rows un-permuted.
+
+    The config comes from the GGUF metadata. Every quantisation type ``gguf`` can
+    dequantise is supported (F32, F16, Q4_0, Q4_1, Q8_0, K-quants, ...).
+
+    Args:
+      path: the ``.gguf`` file.
+      dtype: dtype of the returned parameters.
+      strict: raise on tensors the model does not use (``rope_freqs`` is always tolerated).
+      **overrides: config fields to set, e.g. ``scan_layers=True``.
+
+    Returns:
+      ``(config, params)``.
+
+    Raises:
+      ValueError: if the file is not a Llama model, or tensors are missing, unexpected or
+        mis-shaped (all named).
+    """
+    from gguf import GGUFReader
+
+    gguf_reader = GGUFReader(str(path))
+    config = llama_config_from_gguf(gguf_reader, **overrides)
+    reader = _GGUFReader(gguf_reader)
+    plan = _llama_plan(config, "gguf")
+    ignore = lambda n: n == "rope_freqs.weight"
+    _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"GGUF file {path}")
+    return config, _build(plan, reader, dtype=dtype, stack_layers=config.scan_layers)
+
+
+# -------------------------------------------------------------------------------- BERT
+
+
+_BERT_LAYER = {  # jaxlora path under layers/{i}: HF name under encoder.layer.{i}
+    ("attn", "query"): "attention.self.query",
+    ("attn", "key"): "attention.self.key",
+    ("attn", "value"): "attention.self.value",
+    ("attn", "output"): "attention.output.dense",
+    ("attn_norm",): "attention.output.LayerNorm",
+    ("mlp", "intermediate"): "intermediate.dense",
+    ("mlp", "output"): "output.dense",
+    ("mlp_norm",): "output.LayerNorm",
+}
+
+
+def _bert_plan(config: BertConfig) -> list[_Tensor]:
+    c = config
+    d, f = c.hidden_size, c.intermediate_size
+
+    def dense(source: str, path: tuple[str, ...], d_in: int, d_out: int) -> list[_Tensor]:
+        return [
+            _Tensor(f"{source}.weight", (d_out, d_in), (*path, "kernel"), _transpose),
+            _Tensor(f"{source}.bias", (d_out,), (*path, "bias")),
+        ]
+
+    def norm(source: str, path: tuple[str, ...]) -> list[_Tensor]:
+        return [
+            _Tensor(f"{source}.weight", (d,), (*path, "scale")),
+            _Tensor(f"{source}.bias", (d,), (*path, "bias")),
+        ]
+
+    plan = [
+        _Tensor(
+            "embeddings.word_embeddings.weight",
+            (c.vocab_size, d),
+            ("embeddings", "word", "embedding"),
+        ),
+        _Tensor(
+            "embeddings.position_embeddings.weight",
+            (c.max_position_embeddings, d),
+            ("embeddings", "position", "embedding"),
+        ),
+        _Tensor(
+            "embeddings.token_type_embeddings.weight",
+            (c.type_vocab_size, d),
+            ("embeddings", "token_type", "embedding"),
+        ),
+        *norm("embeddings.LayerNorm", ("embeddings", "norm")),
+    ]
+    for i in range(c.num_layers):
+        for rest, name in _BERT_LAYER.items():
+            source, path = f"encoder.layer.{i}.{name}", ("layers", str(i), *rest)
+            if rest[-1].endswith("norm"):
+                plan += norm(source, path)
+            else:
+                d_in = f if rest == ("mlp", "output") else d
+                d_out = f if rest == ("mlp", "intermediate") else d
+                plan += dense(source, path, d_in, d_out)
+    if c.pooler:
+        plan += dense("pooler.dense", ("pooler",), d, d)
+    return plan
+
+
+def load_bert_safetensors(
+    path: PathLike,
+    *,
+    config: BertConfig | None = None,
+    dtype: Any = np.float32,
+    strict: bool = True,
+    **overrides: Any,
+) -> tuple[BertConfig, dict[str, Any]]:
+    """Loads a Hugging Face BERT checkpoint (e.g. all-MiniLM-L6-v2's ``model.safetensors``).
+
+    Args:
+      path: a checkpoint directory (``config.json`` plus ``model.safetensors``) or one
+        ``.safetensors`` file.
+      config: the model config; read from ``config.json`` beside the weights when None.
+      dtype: dtype of the returned parameters.
+      strict: raise on tensors the model does not use. The ``position_ids`` buffer, and the
+        pooler when ``config.pooler`` is False, are always tolerated.
+      **overrides: config fields to set, e.g. ``pooler=True``.
+
+    Returns:
+      ``(config, params)``.
+
+    Raises:
+      ValueError: if tensors are missing, unexpected or mis-shaped (all named).
+      FileNotFoundError: if the files are not there.
+    """
+    directory, files = _safetensors_files(path)
+    if config is None:
+        config = BertConfig.from_hf_config(_read_hf_config(directory))
+    config = dataclasses.replace(config, **overrides)
+    reader = _SafetensorsReader(files)
+    plan = _with_prefix(_bert_plan(config), reader.shapes, "bert.", lambda n: False)
+    ignore = lambda n: (
+        n.endswith("embeddings.position_ids")
+        or (not config.pooler and re.search(r"(^|\.)pooler\.dense\.", n) is not None)
+    )
+    _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"checkpoint {path}")
+    return config, _build(plan, reader, dtype=dtype, stack_layers=False)
+
+
+def to_hf_state_dict(
+    params: Mapping[str, Any], config: LlamaConfig | BertConfig
+) -> dict[str, np.ndarray]:
+    """The inverse of the safetensors loaders: Hugging Face names, torch ``(out, in)`` layout.
+
+    Llama trees map to ``LlamaForCausalLM`` names (``model.layers.0...``, ``lm_head.weight``
+    unless tied), BERT trees to ``BertModel`` names. Scanned layers are unstacked. The
+    result can be passed to ``safetensors.numpy.save_file`` or, via ``torch.from_numpy``,
+    to ``load_state_dict``.
+
+    Args:
+      params: a Llama or BERT parameter tree.
+      config: its config.
+
+    Returns:
+      A dict of host numpy arrays (copies).
+    """
+    if isinstance(config, LlamaConfig):
+        plan = _llama_plan(config, "hf")
+        stacked = config.scan_layers
+        name = lambda n: n if n.startswith("lm_head.") else "model." + n
+    else:
+        plan, stacked, name = _bert_plan(config), False, lambda n: n
+    out = {}
+    for t in plan:
+        path = t.path
+        if stacked and path[0] == "layers":
+            path = ("layers", *path[2:])
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        x = np.asarray(leaf[int(t.path[1])] if stacked and t.path[0] == "layers" else leaf)
+        # Copies, writable and C-ordered: views of device buffers would be read-only.
+        out[name(t.source)] = np.array(x.T if t.transform is _transpose else x, order="C")
+    return out
+
+
+# -------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(path: PathLike):
+    """Loads a ``tokenizers.Tokenizer`` from a ``tokenizer.json``, without padding.
+
+    Padding and truncation are switched off because ``jaxlora.data`` pads to a fixed
+    length itself (MiniLM's file pads every batch to its longest member).
+
+    Args:
+      path: the ``tokenizer.json`` file or the directory holding it.
+
+    Returns:
+      The tokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+# llama.cpp token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def load_gguf_tokenizer(path: PathLike):
+    """Builds a byte-level BPE ``tokenizers.Tokenizer`` from a GGUF's embedded vocabulary.
+
+    Supports ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE, as SmolLM2 and Llama 3) with
+    the GPT-2 split regex, plus single-digit splitting for the pre-tokenizers that use it
+    (``smollm``, ``starcoder``, ``refact``).
+
+    Args:
+      path: the ``.gguf`` file.
+
+    Returns:
+      The tokenizer (no BOS is added: SmolLM2 declares ``add_bos_token = False``).
+
+    Raises:
+      ValueError: for another tokenizer model (e.g. SentencePiece ``llama``).
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    reader = GGUFReader(str(path))
+    kind = _gguf_field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, got {kind!r}"
+        )
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    types = _gguf_field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,
+        fuse_unk=False,
+        byte_fallback=False,
+    )
+    tokenizer = Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if _gguf_field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True) for t, k in zip(tokens, types) if k == _CONTROL]
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    )
+    return tokenizer
