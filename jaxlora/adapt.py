@@ -32,7 +32,7 @@ import functools
 import itertools
 import string
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend as jex
@@ -92,8 +92,11 @@ class AdaptReport:
 class _Ctx:
     """Per-call interpretation state: strictness and the report being filled in."""
 
-    def __init__(self, strict: bool, targets: Sequence[str]):
+    def __init__(self, strict: bool, targets: Sequence[str], fuse: bool = True):
         self.strict = strict
+        self.fuse = fuse
+        # first low-rank products computed ahead for a group sharing one input, by eqn id
+        self.prefused: dict[int, jax.Array] = {}
         self.report = AdaptReport(targets=tuple(targets))
         # sites are deduplicated because scan/cond may trace a body more than once
         self._fast_sites: set[tuple[str, int]] = set()
@@ -237,10 +240,19 @@ def _eval(ctx: _Ctx, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    eqns = jaxpr.eqns
+    uses: dict[Any, list[int]] = collections.defaultdict(list)
+    for j, e in enumerate(eqns):
+        if e.primitive is _DOT_GENERAL:
+            for v in e.invars:
+                if not isinstance(v, jex.core.Literal):
+                    uses[v].append(j)
+    for i, eqn in enumerate(eqns):
         invals = [read(v) for v in eqn.invars]
         outs = None
         if any(isinstance(x, _Lazy) for x in invals):
+            if eqn.primitive is _DOT_GENERAL and ctx.fuse:
+                _fuse_shared_inputs(ctx, eqns, i, invals, env, uses)
             rule = _RULES.get(eqn.primitive)
             if rule is not None:
                 outs = rule(ctx, eqn, invals)
@@ -261,10 +273,23 @@ def _plain(ctx: _Ctx, values: Sequence[Any], where: str, site: Any) -> list[Any]
 # ----------------------------------------------------------------------------- rules
 
 
-def _dot_general(ctx: _Ctx, eqn, invals):
+class _Plan(NamedTuple):
+    """How one ``dot_general`` against a lazy kernel splits into base + low-rank products."""
+
+    k: _Lazy
+    x: Any
+    xs: str  # einsum labels of x
+    lf: str  # labels of the factor contracted with x first
+    ls: str  # labels of the second factor
+    mid: str  # labels of the rank-r intermediate
+    out: str  # labels of the result
+    lc: str  # labels of the column scale
+    a_first: bool  # x·A first (the usual case); x·Wᵀ contracts with B first
+    kw: dict
+
+
+def _plan(eqn, invals) -> _Plan | None:
     lhs, rhs = invals
-    if isinstance(lhs, _Lazy) and isinstance(rhs, _Lazy):
-        lhs = ctx.merged(lhs, "dot_general of two targeted kernels", eqn)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     k_is_rhs = isinstance(rhs, _Lazy)
     k, x = (rhs, lhs) if k_is_rhs else (lhs, rhs)
@@ -285,27 +310,90 @@ def _dot_general(ctx: _Ctx, eqn, invals):
     la, lb_, lc_ = k.labelled([*kl, r])
     if k.c is not None and not set(lc_) <= set(out):
         return None  # a column scale over contracted axes is not separable: merge
-    base = _bind(eqn, [lhs.w if k is lhs else lhs, rhs.w if k is rhs else rhs])[0]
-
-    pet = eqn.params.get("preferred_element_type")
-    kw = dict(preferred_element_type=pet, precision=eqn.params.get("precision"))
-    a, b = k.factors_as(k.w.dtype)
-    xs = "".join(xl)
     roles_contracted = {k.roles[i] for i in kc}
-    if roles_contracted <= {OUT} and roles_contracted:
-        first, second, lf, ls = b, a, lb_, la  # x·Wᵀ (tied decoder): contract with B first
-    else:
-        first, second, lf, ls = a, b, la, lb_
+    a_first = not (roles_contracted and roles_contracted <= {OUT})
+    lf, ls = (la, lb_) if a_first else (lb_, la)
+    xs = "".join(xl)
     keep = set(out) | set(ls)
     mid = "".join(dict.fromkeys(lbl for lbl in xs + lf if lbl in keep))
-    h = jnp.einsum(f"{xs},{lf}->{mid}", x, first, **kw)
+    kw = dict(
+        preferred_element_type=eqn.params.get("preferred_element_type"),
+        precision=eqn.params.get("precision"),
+    )
+    return _Plan(k, x, xs, lf, ls, mid, out, lc_, a_first, kw)
+
+
+def _first_product(plan: _Plan, factor) -> jax.Array:
+    return jnp.einsum(f"{plan.xs},{plan.lf}->{plan.mid}", plan.x, factor, **plan.kw)
+
+
+def _dot_general(ctx: _Ctx, eqn, invals):
+    lhs, rhs = invals
+    if isinstance(lhs, _Lazy) and isinstance(rhs, _Lazy):
+        lhs = ctx.merged(lhs, "dot_general of two targeted kernels", eqn)
+        invals = [lhs, rhs]
+    plan = _plan(eqn, invals)
+    if plan is None:
+        return None
+    k = plan.k
+    base = _bind(eqn, [lhs.w if k is lhs else lhs, rhs.w if k is rhs else rhs])[0]
+    a, b = k.factors_as(k.w.dtype)
+    first, second = (a, b) if plan.a_first else (b, a)
+    h = ctx.prefused.pop(id(eqn), None)
+    if h is None:
+        h = _first_product(plan, first)
     h = h * jnp.asarray(k.scale, h.dtype)
-    low = jnp.einsum(f"{mid},{ls}->{out}", h, second, **kw)
+    low = jnp.einsum(f"{plan.mid},{plan.ls}->{plan.out}", h, second, **plan.kw)
     y = base + low.astype(base.dtype)
     if k.c is not None:
-        y = (y * _broadcast(k.c, lc_, out)).astype(base.dtype)
+        y = (y * _broadcast(k.c, plan.lc, plan.out)).astype(base.dtype)
     ctx.hit(k.path, eqn)
     return [y]
+
+
+def _fusion_key(plan: _Plan) -> tuple | None:
+    """Plans with equal keys share ``x`` and can compute ``x·[A_1|A_2|...]`` at once."""
+    a = plan.k.a
+    stacked = STACK in plan.k.roles
+    if not plan.a_first or stacked or plan.mid[-1:] != plan.lf[-1:]:
+        return None
+    kw = tuple(sorted((k, str(v)) for k, v in plan.kw.items()))
+    return (plan.xs, plan.lf, plan.mid, a.shape[:-1], str(a.dtype), str(plan.k.w.dtype), kw)
+
+
+def _fuse_shared_inputs(ctx: _Ctx, eqns, i: int, invals, env, uses) -> None:
+    """Computes the first low-rank product of every lazy ``dot_general`` sharing eqn i's input.
+
+    Several targets often read the same activation (q/k/v, gate/up). One ``x·[A_q|A_k|A_v]``
+    reads ``x`` once and runs one rank-3r matmul (and one in the backward pass) instead of
+    three skinny rank-r ones, which on CPU are memory-bound. The results are stashed in
+    ``ctx.prefused`` for the later equations of the group.
+    """
+    eqn = eqns[i]
+    if id(eqn) in ctx.prefused or sum(isinstance(x, _Lazy) for x in invals) != 1:
+        return
+    head = _plan(eqn, invals)
+    key = None if head is None else _fusion_key(head)
+    if key is None:
+        return
+    xvar = eqn.invars[1 if isinstance(invals[0], _Lazy) else 0]
+    group = [(eqn, head)]
+    for j in uses.get(xvar, ()):
+        if j <= i:
+            continue
+        vals = [v.val if isinstance(v, jex.core.Literal) else env.get(v) for v in eqns[j].invars]
+        if sum(isinstance(x, _Lazy) for x in vals) != 1:
+            continue  # its kernel is not lazy (yet): it simply runs on its own
+        plan = _plan(eqns[j], vals)
+        if plan is not None and plan.x is head.x and _fusion_key(plan) == key:
+            group.append((eqns[j], plan))
+    if len(group) < 2:
+        return
+    factors = [p.k.factors_as(p.k.w.dtype)[0] for _, p in group]
+    h = _first_product(head, jnp.concatenate(factors, axis=-1))
+    splits = np.cumsum([f.shape[-1] for f in factors])[:-1]
+    for (e, _), part in zip(group, jnp.split(h, splits, axis=-1)):
+        ctx.prefused[id(e)] = part
 
 
 def _view_op(fn: Callable[[_Lazy, Any, Any], _Lazy | None]):
@@ -498,11 +586,13 @@ def _prim(*names: str):
     return None
 
 
+_DOT_GENERAL = _prim("dot_general_p")
+
 # The one table of primitive-specific behaviour (see the module docstring).
 _RULES: dict[Any, Callable] = {
     prim: rule
     for prim, rule in [
-        (_prim("dot_general_p"), _dot_general),
+        (_DOT_GENERAL, _dot_general),
         (_prim("transpose_p"), _view_op(_transpose)),
         (_prim("reshape_p"), _view_op(_reshape)),
         (_prim("squeeze_p"), _view_op(lambda k, w, e: _relayout(k, w))),
@@ -530,7 +620,7 @@ def _is_dynamic(x: Any) -> bool:
 _CACHE_SIZE = 64
 
 
-def adapt(fn: Callable, *, strict: bool = False) -> Callable:
+def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
     """Transforms ``fn(params, *args)`` into ``fn_adapted(params, adapters, *args)``.
 
     ``adapt(fn)(params, adapters, *args, **kwargs)`` equals
@@ -550,6 +640,8 @@ def adapt(fn: Callable, *, strict: bool = False) -> Callable:
       fn: The function to adapt; its first argument is the parameter pytree.
       strict: Raise :class:`AdaptError` instead of materialising ``W + ΔW`` where a
         targeted kernel meets an operation with no unmerged rule.
+      fuse: Where several targeted kernels multiply the same input (q/k/v, gate/up),
+        compute ``x·[A_1|A_2|...]`` in one matmul. Same values; fewer, wider products.
 
     Returns:
       The adapted function. Its ``last_report`` attribute holds the :class:`AdaptReport` of
@@ -599,7 +691,7 @@ def adapt(fn: Callable, *, strict: bool = False) -> Callable:
         nodes = adapter_nodes(adapters)
         full = full_leaves(adapters)
         shared = shared_state(adapters)
-        ctx = _Ctx(strict, tuple(nodes))
+        ctx = _Ctx(strict, tuple(nodes), fuse)
         paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
         # Check and substitute targeted params leaves first: a mismatch must be reported as

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["CompiledCost", "compiled_cost"]
+__all__ = ["CompiledCost", "compiled_cost", "cost_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,15 @@ def compiled_cost(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Compiled
       1024.0
     """
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    compiled = jitted.lower(*args, **kwargs).compile()
+    return cost_of(jitted.lower(*args, **kwargs).compile())
+
+
+def cost_of(compiled: jax.stages.Compiled) -> CompiledCost:
+    """The :class:`CompiledCost` of an already compiled program (``jit(f).lower(...).compile()``).
+
+    Lets a training loop compile its step once and use the same executable for both the
+    figures and the run.
+    """
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # older jax returned one dict per device program
         cost = cost[0]

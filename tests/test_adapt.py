@@ -221,3 +221,27 @@ def test_shape_mismatch_is_a_clear_error():
         jl.adapt(lambda p: p["w1"]["kernel"].sum())(bad, ad)
     with pytest.raises(ValueError, match=r"missing from params: \['w1/kernel'\]"):
         jl.adapt(lambda p: p["w2"]["kernel"].sum())({"w2": params["w2"]}, ad)
+
+
+def test_targets_sharing_an_input_fuse_their_first_product():
+    ks = jax.random.split(KEY, 3)
+    params = {n: {"kernel": jax.random.normal(k, (8, 7))} for n, k in zip("qkv", ks)}
+    ad = _lora(params, r"[qkv]/kernel", rank=2)
+
+    def fn(p, x):
+        q, k, v = (x @ p[n]["kernel"] for n in "qkv")
+        return jnp.tanh(q * k) @ v.T
+
+    report = check_against_merged(fn, params, ad, jax.random.normal(KEY, (5, 8)))
+    assert report.all_fast
+
+    def rank_widths(fuse):
+        jaxpr = jax.make_jaxpr(jl.adapt(fn, fuse=fuse))(params, ad, jnp.ones((5, 8)))
+        return sorted(
+            e.outvars[0].aval.shape[-1]
+            for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] in (2, 6)
+        )
+
+    assert rank_widths(fuse=True) == [6]  # one x @ [A_q|A_k|A_v]
+    assert rank_widths(fuse=False) == [2, 2, 2]
