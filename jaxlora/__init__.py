@@ -2,11 +2,17 @@
 
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
 from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
+from jaxlora.delta_lora import delta_lora
+from jaxlora.dora import dora
 from jaxlora.full import full
-from jaxlora.lora import lora
+from jaxlora.lora import lora, pissa
+from jaxlora.lora_fa import lora_fa
+from jaxlora.lora_plus import lora_plus
+from jaxlora.methods import method
 from jaxlora.optim import optimizer
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
 from jaxlora.train import train_step
+from jaxlora.vera import vera
 
 __all__ = [
     "ALL_LINEAR",
@@ -19,12 +25,19 @@ __all__ = [
     "adapt",
     "adapt_report",
     "compose",
+    "delta_lora",
+    "dora",
     "full",
     "labels",
     "lora",
+    "lora_fa",
+    "lora_plus",
     "merge",
+    "method",
     "num_trainable",
     "optimizer",
+    "pissa",
     "train_step",
     "unmerge",
+    "vera",
 ]

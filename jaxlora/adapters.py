@@ -74,6 +74,10 @@ class Adapter:
 
     ARRAYS: ClassVar[tuple[str, ...]] = ()
     LABELS: ClassVar[dict[str, str]] = {}
+    # Per array field, the kernel-layout groups of its axes ("stack", "in", "out", "rank"),
+    # e.g. {"a": ("stack", "in", "rank")}: jaxlora.sharding shards each axis like the
+    # kernel axis it stands for (rank: replicated). Optional; inferred from shapes if absent.
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {}
     layout: KernelLayout
 
     def factors(self, shared: dict[str, Any]) -> Factors:

@@ -49,6 +49,10 @@ class LoraAdapter(Adapter):
 
     ARRAYS: ClassVar[tuple[str, ...]] = ("a", "b")
     LABELS: ClassVar[dict[str, str]] = {"a": "lora_a", "b": "lora_b"}
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "a": ("stack", "in", "rank"),
+        "b": ("stack", "rank", "out"),
+    }
 
     layout: KernelLayout
     rank: int
@@ -185,10 +189,11 @@ def init_lora(
     cls: type = LoraAdapter,
     **extra: Callable[[KernelLayout, Any], Any],
 ) -> dict[str, Any]:
-    """The reference LoRA init (A kaiming-uniform, B = 0) as ``cls`` nodes (shape-only).
+    """The reference LoRA init (A kaiming-uniform, B = 0) as ``cls`` nodes.
 
     Methods built on LoRA's factors (LoRA-FA, DoRA) reuse it; ``extra`` maps further
-    array fields of ``cls`` to ``fn(layout, kernel) -> array``.
+    array fields of ``cls`` to ``fn(layout, kernel) -> array``. Without ``extra`` only the
+    shapes of ``params`` are read.
     """
     layouts = select(params, targets)
     for layout in layouts.values():

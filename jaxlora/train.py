@@ -6,6 +6,10 @@ through :func:`jaxlora.adapt`, takes the gradient with respect to the *trainable
 arrays only (frozen ones are closed over, so their gradients are never computed), applies
 ``tx`` and donates the adapter and optimizer buffers. ``params`` is a frozen input: it gets
 no gradient and no optimizer state.
+
+With ``update_params=True`` (Delta-LoRA) the step also returns new base params: ``tx``
+then updates the pair ``(params, adapters)``; it is handed ``None`` as the base gradient,
+which is never computed, and its base updates are applied to ``params``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def train_step(
     strict: bool = False,
     donate: bool = True,
     jit: bool = True,
-) -> Callable[..., tuple[Any, Any, dict[str, Any]]]:
+    update_params: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
     """Builds ``step(params, adapters, opt_state, batch) -> (adapters, opt_state, metrics)``.
 
     Args:
@@ -62,6 +67,11 @@ def train_step(
       strict: Passed to :func:`jaxlora.adapt`: raise rather than merge a kernel.
       donate: Donate the adapters and optimizer state buffers to the step.
       jit: Return the step jitted (the default) or as a plain function to compose.
+      update_params: For transforms that also move the base (:func:`jaxlora.delta_lora`):
+        the step is ``step(params, adapters, opt_state, batch) -> (params, adapters,
+        opt_state, metrics)``, ``tx`` is initialised with ``tx.init((params, adapters))``
+        and updated with ``tx.update((None, adapter_grads), opt_state, (params,
+        adapters))``; ``params`` is donated too. The base still gets no gradient.
 
     Returns:
       The step function. ``metrics`` holds ``loss`` and ``grad_norm`` (of trainable arrays).
@@ -95,12 +105,20 @@ def train_step(
         # frozen arrays get zeros here only to satisfy optax's tree structure; set_to_zero
         # discards them and XLA removes the dead zeros
         full = join_trainable(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
-        updates, opt_state = tx.update(full, opt_state, adapters)
+        if update_params:
+            (param_updates, updates), opt_state = tx.update(
+                (None, full), opt_state, (params, adapters)
+            )
+        else:
+            updates, opt_state = tx.update(full, opt_state, adapters)
         upd_tr, _ = split_trainable(updates, adapters)
         new = join_trainable(optax.apply_updates(trainable, upd_tr), frozen)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        if update_params:
+            return optax.apply_updates(params, param_updates), new, opt_state, metrics
         return new, opt_state, metrics
 
     if not jit:
         return step
-    return jax.jit(step, donate_argnums=(1, 2) if donate else ())
+    donated = ((0, 1, 2) if update_params else (1, 2)) if donate else ()
+    return jax.jit(step, donate_argnums=donated)

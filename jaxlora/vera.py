@@ -1,0 +1,281 @@
+"""VeRA: one pair of frozen random matrices shared by every layer, scaled by trained vectors.
+
+``ΔW = A_s[:d_in] · diag(d) · B_s[:, :d_out] · diag(b)`` for each targeted kernel, where
+``A_s: (max_in, r)`` and ``B_s: (r, max_out)`` are kaiming-uniform, frozen, and stored once
+for the whole model under ``adapters["__shared__"]["vera"]`` (a :class:`VeraShared`);
+each layer trains only ``d: (r,)`` and ``b: (d_out,)`` (stacked for scanned kernels). In
+canonical form that is ``A = A_s[:d_in]``, ``B = diag(d)·B_s[:, :d_out]·diag(b)``, so
+:func:`jaxlora.adapt`, ``merge`` and ``unmerge`` need nothing VeRA-specific, and, A being
+frozen, the train step never computes the ``d_in``-wide gradient LoRA's A needs.
+
+The shared matrices are a pure function of the PRNG key stored beside them, so a
+checkpoint may keep only the key: :func:`strip_shared` drops the matrices and
+:func:`restore_shared` regenerates them bit-identically. The key is stored as raw
+``uint32`` key data (an array leaf, labelled ``"frozen"``), so ``jax.grad`` over a whole
+VeRA adapters tree needs ``allow_int=True``; :func:`jaxlora.train_step` differentiates the
+trainable arrays only and is unaffected.
+
+References:
+  Kopiczko et al., 2024, VeRA: Vector-based Random Matrix Adaptation,
+  https://arxiv.org/abs/2310.11454.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.adapters import SHARED_KEY, Adapter, Factors, Method, nest, register_adapter
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
+
+__all__ = ["NAME", "VeraAdapter", "VeraShared", "restore_shared", "strip_shared", "vera"]
+
+NAME = "vera"
+"""Key of VeRA's entry under ``adapters["__shared__"]``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraShared:
+    """VeRA's cross-layer state: the shared matrices and the key that regenerates them."""
+
+    a: Any
+    """``A_s: (max_in, rank)``, or ``None`` once stripped."""
+    b: Any
+    """``B_s: (rank, max_out)``, or ``None`` once stripped."""
+    key: Any
+    """Raw ``uint32`` data of the PRNG key the matrices are drawn from."""
+    impl: str
+    """Name of the PRNG implementation of ``key`` (e.g. ``"threefry2x32"``)."""
+    rank: int
+    """Columns of ``A_s`` (rows of ``B_s``)."""
+    max_in: int
+    """Rows of ``A_s``: the largest ``d_in`` among the targeted kernels."""
+    max_out: int
+    """Columns of ``B_s``: the largest ``d_out`` among the targeted kernels."""
+    dtype: str
+    """dtype name of the matrices."""
+
+    @property
+    def stripped(self) -> bool:
+        return self.a is None
+
+
+jax.tree_util.register_dataclass(
+    VeraShared,
+    data_fields=["a", "b", "key"],
+    meta_fields=["impl", "rank", "max_in", "max_out", "dtype"],
+)
+
+
+def _kaiming_uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, dtype: Any):
+    # PEFT's VeRA init: kaiming-uniform with gain √2, i.e. U(-√(6/fan_in), √(6/fan_in)).
+    # Drawn as bound·U(-1, 1): inside uniform(), 2u - 1 is exact for u on the mantissa
+    # grid, so the only rounding is the final multiply and the values are the same bits
+    # whether XLA fuses the expression or not (eager init vs. jitted regeneration).
+    bound = math.sqrt(6.0 / fan_in)
+    return bound * jax.random.uniform(key, shape, dtype, -1.0, 1.0)
+
+
+def _matrices(shared: VeraShared) -> tuple[jax.Array, jax.Array]:
+    key = jax.random.wrap_key_data(shared.key, impl=shared.impl)
+    ka, kb = jax.random.split(key)
+    a = _kaiming_uniform(ka, (shared.max_in, shared.rank), shared.max_in, shared.dtype)
+    b = _kaiming_uniform(kb, (shared.rank, shared.max_out), shared.rank, shared.dtype)
+    return a, b
+
+
+@register_adapter
+class VeraAdapter(Adapter):
+    """VeRA's trainable vectors of one kernel (stacked along the kernel's stack axes)."""
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("d", "b")
+    LABELS: ClassVar[dict[str, str]] = {"d": "vera_vector", "b": "vera_vector"}
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {"d": ("stack", "rank"), "b": ("stack", "out")}
+
+    layout: KernelLayout
+    rank: int
+    d: Any
+    """``(stack..., rank)``: scales the rank dimension (``diag(d)``)."""
+    b: Any
+    """``(stack..., out...)``: scales the output columns (``diag(b)``)."""
+
+    def factors(self, shared: dict[str, Any]) -> Factors:
+        lay = self.layout
+        sh = shared.get(NAME)
+        if sh is None:
+            raise ValueError(
+                f"VeRA adapter at {lay.path!r} needs the shared matrices under "
+                f"adapters[{SHARED_KEY!r}][{NAME!r}]; pass the whole tree from vera().init"
+            )
+        if sh.stripped:
+            raise ValueError(
+                "VeRA's shared matrices were stripped (strip_shared); regenerate them with "
+                "jaxlora.vera.restore_shared(adapters) first"
+            )
+        if self.rank > sh.rank:
+            raise ValueError(
+                f"VeRA adapter at {lay.path!r} has rank {self.rank}, but the shared matrices "
+                f"have rank {sh.rank}"
+            )
+        if lay.d_in > sh.max_in or lay.d_out > sh.max_out:
+            raise ValueError(
+                f"VeRA adapter at {lay.path!r} needs d_in={lay.d_in}, d_out={lay.d_out}, but "
+                f"the shared matrices only cover max_in={sh.max_in}, max_out={sh.max_out}"
+            )
+        ns, no = len(lay.stack_shape), len(lay.out_shape)
+        a_s = sh.a[: lay.d_in, : self.rank].reshape(*lay.in_shape, self.rank)
+        b_s = sh.b[: self.rank, : lay.d_out].reshape(self.rank, *lay.out_shape)
+        # Both vectors go into B and A stays the frozen A_s: then no gradient ever flows to
+        # A, and the backward costs LoRA-FA's (dB = hᵀ·dy with h = x@A_s r-wide) instead of
+        # LoRA's (dA = xᵀ·dh over the d_in-wide input), whatever the rank.
+        d = self.d.reshape(*self.d.shape[:ns], self.rank, *(1,) * no)
+        b = self.b.reshape(*self.b.shape[:ns], 1, *self.b.shape[ns : ns + no])
+        a = jnp.broadcast_to(a_s, (*lay.stack_shape, *a_s.shape))
+        return Factors(a, d * b_s * b, 1.0)
+
+
+def _key_data(key: jax.Array) -> tuple[jax.Array, str]:
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a legacy raw key uses the default impl
+    return jax.random.key_data(key), str(jax.random.key_impl(key))
+
+
+def vera(
+    *,
+    rank: int = 256,
+    targets: TargetsLike = "all-linear",
+    d_init: float = 0.1,
+    dtype: Any = jnp.float32,
+) -> Method:
+    """VeRA: ``W + A_s·diag(d)·B_s·diag(b)`` with shared frozen ``A_s``, ``B_s``.
+
+    Args:
+      rank: Rank ``r`` of the shared matrices. Unlike LoRA it may exceed a kernel's
+        ``min(d_in, d_out)`` (the paper uses 256 and more), since only ``r + d_out``
+        numbers per layer train.
+      targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
+      d_init: Initial value of every ``d`` (``b`` starts at 0, so training starts exactly
+        at the base model).
+      dtype: dtype of the shared matrices and the vectors.
+
+    Returns:
+      A :class:`jaxlora.Method` named ``"vera"``. Its ``init(key, params)`` reads only
+      shapes; ``A_s`` is ``(max_in, rank)`` and ``B_s`` ``(rank, max_out)`` over the
+      targeted kernels' ``d_in``/``d_out``, drawn from ``key`` (which is stored with them).
+
+    Raises:
+      TargetError: If ``rank`` is not a positive integer, or (from ``init``) a target
+        matches nothing.
+      ValueError: From ``adapt``/``merge``, if a layer's rank or size exceeds the shared
+        matrices (e.g. adapters combined with another init's shared state).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"q": {"kernel": jnp.ones((8, 16))}, "o": {"kernel": jnp.ones((16, 8))}}
+      >>> adapters = jl.vera(rank=4, targets=".*kernel").init(jax.random.key(0), params)
+      >>> shared = adapters["__shared__"]["vera"]
+      >>> shared.a.shape, shared.b.shape, adapters["q"]["kernel"].d
+      ((16, 4), (4, 16), Array([0.1, 0.1, 0.1, 0.1], dtype=float32))
+      >>> jl.num_trainable(adapters)  # r + d_out per layer: (4 + 16) + (4 + 8)
+      32
+
+    References:
+      Kopiczko et al., 2024, https://arxiv.org/abs/2310.11454.
+    """
+    if not isinstance(rank, int) or rank < 1:
+        raise TargetError(f"vera: rank must be a positive integer, got {rank!r}")
+    dtype_name = jnp.dtype(dtype).name
+
+    def init(key: jax.Array, params: Any) -> dict[str, Any]:
+        layouts = select(params, targets)
+        data, impl = _key_data(key)
+        shared = VeraShared(
+            a=None,
+            b=None,
+            key=data,
+            impl=impl,
+            rank=rank,
+            max_in=max(lay.d_in for lay in layouts.values()),
+            max_out=max(lay.d_out for lay in layouts.values()),
+            dtype=dtype_name,
+        )
+        a, b = _matrices(shared)
+        nodes = {
+            path: VeraAdapter(
+                layout=lay,
+                rank=rank,
+                d=jnp.full((*lay.stack_shape, rank), d_init, dtype),
+                b=jnp.zeros((*lay.stack_shape, *lay.out_shape), dtype),
+            )
+            for path, lay in layouts.items()
+        }
+        tree = nest(nodes)
+        tree[SHARED_KEY] = {NAME: dataclasses.replace(shared, a=a, b=b)}
+        return tree
+
+    return Method(NAME, init)
+
+
+def _replace_shared(adapters: dict[str, Any], fn) -> dict[str, Any]:
+    shared = adapters.get(SHARED_KEY, {})
+    if NAME not in shared:
+        raise ValueError(
+            f"adapters have no VeRA shared state under [{SHARED_KEY!r}][{NAME!r}]; "
+            f"found {sorted(shared)}"
+        )
+    return {**adapters, SHARED_KEY: {**shared, NAME: fn(shared[NAME])}}
+
+
+def strip_shared(adapters: dict[str, Any]) -> dict[str, Any]:
+    """Drops VeRA's shared matrices, keeping the key that regenerates them.
+
+    For checkpoints: the stripped tree holds only the per-layer vectors and the key.
+
+    Args:
+      adapters: A VeRA adapters tree.
+
+    Returns:
+      The same tree with ``A_s``, ``B_s`` set to ``None``.
+
+    Raises:
+      ValueError: If ``adapters`` has no VeRA shared state.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> from jaxlora.vera import restore_shared, strip_shared
+      >>> params = {"q": {"kernel": jnp.ones((8, 16))}}
+      >>> adapters = jl.vera(rank=4, targets=".*kernel").init(jax.random.key(0), params)
+      >>> small = strip_shared(adapters)
+      >>> [x.shape for x in jax.tree_util.tree_leaves(small["__shared__"])]  # the key only
+      [(2,)]
+      >>> back = restore_shared(small)["__shared__"]["vera"]
+      >>> bool((back.a == adapters["__shared__"]["vera"].a).all())
+      True
+    """
+    return _replace_shared(adapters, lambda sh: dataclasses.replace(sh, a=None, b=None))
+
+
+def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
+    """Regenerates VeRA's shared matrices from their stored key (bit-identical).
+
+    Args:
+      adapters: A VeRA adapters tree, stripped or not.
+
+    Returns:
+      The tree with ``A_s``, ``B_s`` present (an unstripped tree is returned unchanged).
+
+    Raises:
+      ValueError: If ``adapters`` has no VeRA shared state.
+    """
+
+    def restore(sh: VeraShared) -> VeraShared:
+        if not sh.stripped:
+            return sh
+        a, b = _matrices(sh)
+        return dataclasses.replace(sh, a=a, b=b)
+
+    return _replace_shared(adapters, restore)
