@@ -239,9 +239,20 @@ def test_targets_sharing_an_input_fuse_their_first_product():
         jaxpr = jax.make_jaxpr(jl.adapt(fn, fuse=fuse))(params, ad, jnp.ones((5, 8)))
         return sorted(
             e.outvars[0].aval.shape[-1]
-            for e in jaxpr.jaxpr.eqns
+            for e in _all_eqns(jaxpr.jaxpr)
             if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] in (2, 6)
         )
 
     assert rank_widths(fuse=True) == [6]  # one x @ [A_q|A_k|A_v]
     assert rank_widths(fuse=False) == [2, 2, 2]
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, custom_vjp, scan bodies) included."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, tuple | list) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
