@@ -1,0 +1,160 @@
+"""Runs several experiment configs and writes one results table and the plots.
+
+    python -m experiments.compare --configs e1_topics --variant local --out results
+
+Writes ``<out>/results.md``, ``<out>/results.csv``, and per experiment
+``<out>/<name>/loss_curves.png`` and ``<out>/<name>/metric_vs_params.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments import config as config_lib
+from experiments import launch
+
+COLUMNS = [
+    ("experiment", "experiment"),
+    ("method", "method"),
+    ("trainable", "trainable params"),
+    ("method_params", "adapter params"),
+    ("before", "{metric} before"),
+    ("after", "{metric} after"),
+    ("time_vs_full", "step time / full FT"),
+    ("temp_mem_vs_full", "XLA temp mem / full FT"),
+    ("median_ms", "median step ms"),
+    ("trainable_kib", "trainable KiB"),
+]
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    metric = result["metric"]
+    out = []
+    for r in result["rows"]:
+        out.append(
+            {
+                "experiment": result["config"]["name"],
+                "method": r["method"],
+                "metric": metric,
+                "trainable": r["trainable_params"],
+                "method_params": r["method_params"],
+                "before": r["before"][metric],
+                "after": r["after"][metric],
+                "time_vs_full": r.get("time_vs_full"),
+                "temp_mem_vs_full": r.get("temp_mem_vs_full"),
+                "median_ms": None if r.get("median_step_s") is None else 1e3 * r["median_step_s"],
+                "trainable_kib": r["trainable_bytes"] / 1024,
+            }
+        )
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown results table of one or more experiments."""
+    lines = []
+    for result in results:
+        metric = result["metric"]
+        heads = [h.format(metric=metric) for _, h in COLUMNS]
+        lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        for row in _rows(result):
+            lines.append("| " + " | ".join(_fmt(row[k]) for k, _ in COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(results: list[dict[str, Any]], path: pathlib.Path) -> None:
+    keys = ["metric"] + [k for k, _ in COLUMNS]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for result in results:
+            for row in _rows(result):
+                w.writerow({k: row[k] for k in keys})
+
+
+def plot(result: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Loss curves and headline metric vs trainable parameters, as PNG files."""
+    metric = result["metric"]
+    name = result["config"]["name"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["rows"]:
+        losses = np.asarray(r["losses"], float)
+        if losses.size == 0:
+            continue
+        k = max(1, losses.size // 20)  # moving average: single-batch losses are noisy
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, losses.size + 1), smooth, label=r["method"])
+    ax.set(xlabel="step", ylabel="training loss (moving average)", title=f"{name}: training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves = out_dir / "loss_curves.png"
+    fig.savefig(curves, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["rows"]:
+        n = max(r["trainable_params"], 1)
+        ax.scatter(n, r["after"][metric])
+        ax.annotate(
+            r["method"],
+            (n, r["after"][metric]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="trainable parameters (log)",
+        ylabel=f"held-out {metric}",
+        title=f"{name}: {metric} vs trainable parameters",
+    )
+    fig.tight_layout()
+    scatter = out_dir / "metric_vs_params.png"
+    fig.savefig(scatter, dpi=120)
+    plt.close(fig)
+    return [curves, scatter]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Run experiment configs; write table and plots.")
+    ap.add_argument("--configs", default="e1_topics", help="comma-separated config modules")
+    ap.add_argument("--variant", default="local")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    configs = [config_lib.load(n, args.variant) for n in args.configs.split(",")]
+    for c in configs:  # every config is checked before the first one trains
+        launch.validate(c)
+    results = []
+    for c in configs:
+        result = launch.run(c, out)
+        plot(result, out / c.name)
+        results.append(result)
+    md = table(results)
+    (out / "results.md").write_text(md)
+    write_csv(results, out / "results.csv")
+    print("\n" + md)
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, plots under {out}/<experiment>/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Experiment configuration: frozen dataclasses, written as code in ``experiments/configs``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """One method to train in an experiment."""
+
+    name: str
+    """A ``jaxlora.method`` registry name, or ``full`` (full fine-tuning), ``linear_probe``
+    (the head only) or ``untrained`` (no training: the baseline)."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (linear warm-up, then cosine decay to 10%)."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of the method (``rank``, ``alpha``, ``targets``, ``lam``, ...)."""
+    label: str | None = None
+    """Name in tables and plots; defaults to ``name``."""
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one experiment needs; ``get_config()`` in a configs module returns one."""
+
+    name: str
+    """Experiment name; results go to ``<out>/<name>/``."""
+    task: str
+    """``classification`` (MiniLM + head on fortune topics) or ``causal_lm`` (SmolLM2)."""
+    methods: tuple[MethodConfig, ...]
+    """The methods to compare, in table order."""
+    steps: int
+    """Optimizer steps per method."""
+    batch_size: int
+    """Global batch size (sharded over the mesh's ``data``/``fsdp`` axes)."""
+    max_length: int
+    """Tokens per example (longer texts are truncated)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only before and after training)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of data order, split and adapter init."""
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+    """Mesh axis sizes; -1 takes the remaining devices."""
+    max_train_examples: int | None = None
+    """Cap on training examples (None: all)."""
+    max_eval_examples: int | None = None
+    """Cap on evaluation examples (None: all)."""
+    checkpoint_every: int = 0
+    """Save an adapter checkpoint every this many steps (0: only at the end)."""
+    generate_prompts: tuple[str, ...] = ()
+    """causal_lm only: prompts whose greedy continuations are shown before and after."""
+
+
+def load(name: str, variant: str = "local") -> ExperimentConfig:
+    """Imports ``experiments.configs.<name>`` and calls its ``get_config(variant)``.
+
+    Raises:
+      ValueError: For an unknown config module or variant, naming the choices.
+    """
+    try:
+        module = importlib.import_module(f"experiments.configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(
+            f"unknown experiment config {name!r} (no experiments/configs/{name}.py)"
+        ) from e
+    return module.get_config(variant)

@@ -1,0 +1,277 @@
+"""Runs one experiment config: every method in it, trained and evaluated the same way.
+
+    python -m experiments.launch --config e1_topics --variant local [--methods lora,vera]
+
+For each method it builds the adapters (plus a fully trained head where the task has one),
+the method's optimizer (AdamW, warm-up + cosine schedule) and its train step, compiles the
+step once (the same executable gives XLA's cost/memory figures and runs the loop), trains
+with a progress bar, evaluates before and after, and writes under ``<out>/<experiment>/``:
+``<method>/metrics.jsonl`` (every step and evaluation), ``<method>/adapters`` (the adapter
+checkpoint) and ``results.json``. Everything is validated (method names, assets, mesh)
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+import jaxlora as jl
+from experiments import config as config_lib
+from experiments.config import ExperimentConfig, MethodConfig
+from experiments.tasks import ASSETS, TASKS, Task
+from jaxlora import assets, data
+from jaxlora.methods import NAMES, MethodSpec
+from jaxlora.profiling import cost_of
+
+SPECIAL = ("full", "linear_probe", "untrained")
+"""Baselines the launcher adds to the registry's method names."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any training."""
+
+
+def _plain(make, *, learning_rate, **kw):
+    return jl.optimizer(make(learning_rate=learning_rate, **kw))
+
+
+def method_spec(m: MethodConfig, task: Task) -> MethodSpec:
+    """The method to train, with the task's head (if any) trained in full beside it."""
+    if m.name == "full":
+        return MethodSpec("full", jl.full(targets=".*"), _plain)
+    if m.name in ("linear_probe", "untrained"):
+        return MethodSpec(m.name, jl.full(targets=task.head or "(?!)"), _plain)
+    spec = jl.method(m.name, **m.kwargs)
+    if task.head is None:
+        return spec
+    return dataclasses.replace(spec, adapters=jl.compose(spec.adapters, jl.full(targets=task.head)))
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Fails fast, with a clear message, on anything that would stop a run midway."""
+    if config.task not in TASKS:
+        raise ConfigError(f"{config.name}: unknown task {config.task!r}; known: {sorted(TASKS)}")
+    for m in config.methods:
+        if m.name not in NAMES and m.name not in SPECIAL:
+            raise ConfigError(
+                f"{config.name}: unknown method {m.name!r}; known: {sorted([*NAMES, *SPECIAL])}"
+            )
+    for name in ASSETS[config.task]:
+        try:
+            assets.path(name)
+        except assets.AssetNotFoundError as e:
+            raise ConfigError(f"{config.name}: {e}") from e
+    mesh_shape(config.mesh)
+    if config.steps < 1 or config.batch_size < 1:
+        raise ConfigError(f"{config.name}: steps and batch_size must be positive")
+
+
+def mesh_shape(axes: dict[str, int]) -> dict[str, int]:
+    """Resolves -1 in a mesh spec against the available devices, or raises ConfigError."""
+    n = jax.device_count()
+    fixed = math.prod(v for v in axes.values() if v != -1)
+    free = [k for k, v in axes.items() if v == -1]
+    if len(free) > 1 or fixed < 1 or n % fixed or (not free and fixed != n):
+        raise ConfigError(
+            f"mesh {axes} does not fit {n} device(s): sizes must multiply to the device count "
+            "(at most one axis may be -1)"
+        )
+    return {k: (n // fixed if v == -1 else v) for k, v in axes.items()}
+
+
+def _schedule(config: ExperimentConfig, lr: float):
+    warmup = min(config.warmup_steps, max(config.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(config.steps, warmup + 1), end_value=0.1 * lr
+    )
+
+
+def evaluate(task: Task, run_eval, params, adapters, batch_size: int) -> dict[str, float]:
+    """Sums ``task.eval_fn`` over the held-out set and finishes the metrics."""
+    sums: dict[str, float] = {}
+    for batch in data.sequential_batches(task.eval, batch_size):
+        out = run_eval(params, adapters, batch)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: float(v) for k, v in task.finish(sums).items()}
+
+
+class _Log:
+    """Every record to ``metrics.jsonl`` and its scalars to TensorBoard event files."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.jsonl = (directory / "metrics.jsonl").open("w")
+        self.tb = SummaryWriter(logdir=str(directory / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for k, v in record.items():
+            if k == "eval":
+                for name, value in v.items():
+                    self.tb.add_scalar(f"eval/{name}", value, step)
+            elif k != "step":
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _trainable_bytes(adapters: Any) -> int:
+    leaves = jax.tree_util.tree_leaves(adapters)
+    lab = jax.tree_util.tree_leaves(jl.labels(adapters))
+    return sum(x.nbytes for x, lb in zip(leaves, lab, strict=True) if lb != "frozen")
+
+
+def _head_params(adapters: Any) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(adapters.get("__full__", {})))
+
+
+def run_method(
+    config: ExperimentConfig, m: MethodConfig, task: Task, out_dir: pathlib.Path, *, quiet=False
+) -> dict[str, Any]:
+    """Trains and evaluates one method; returns its row of the results table."""
+    spec = method_spec(m, task)
+    key = jax.random.key(config.seed)
+    params, adapters = spec.prepare(key, task.params)
+    if spec.update_params:
+        # the step donates and moves the base (Delta-LoRA): train on a copy, so the task's
+        # params stay intact for the methods that follow
+        params = jax.tree_util.tree_map(jnp.copy, params)
+    tx = spec.optimizer(
+        optax.adamw,
+        learning_rate=_schedule(config, m.learning_rate),
+        weight_decay=config.weight_decay,
+    )
+    opt_state = spec.init_optimizer(tx, params, adapters)
+    eval_fn = jax.jit(jl.adapt(task.eval_fn))
+    before = evaluate(task, eval_fn, params, adapters, config.batch_size)
+    method_dir = out_dir / m.display
+    method_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(method_dir)
+    log.write({"step": 0, "eval": before})
+
+    trainable = jl.num_trainable(adapters)
+    row: dict[str, Any] = {
+        "method": m.display,
+        "trainable_params": trainable if m.name != "untrained" else 0,
+        "method_params": trainable - _head_params(adapters) if m.name != "full" else trainable,
+        "before": before,
+    }
+    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
+    times: list[float] = []
+    losses: list[float] = []
+    if m.name != "untrained":
+        step = spec.train_step(task.loss_fn, tx, jit=False)
+        donate = (0, 1, 2) if spec.update_params else (1, 2)
+        example = next(iter(data.sequential_batches(task.train, config.batch_size)))
+        example.pop("valid")
+        compiled = (
+            jax.jit(step, donate_argnums=donate)
+            .lower(params, adapters, opt_state, example)
+            .compile()
+        )
+        cost = cost_of(compiled)
+        row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
+        bar = tqdm(
+            range(config.steps),
+            desc=f"{config.name}/{m.display}",
+            disable=quiet,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        for i in bar:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            params, adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
+            loss = float(metrics["loss"])  # blocks: the step is finished
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            losses.append(loss)
+            tok_s = config.batch_size * task.tokens_per_example / dt
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            record = {"step": i + 1, "loss": loss, "time_s": dt, "tokens_per_s": tok_s}
+            if config.eval_every and (i + 1) % config.eval_every == 0 and i + 1 < config.steps:
+                record["eval"] = evaluate(task, eval_fn, params, adapters, config.batch_size)
+            log.write(record)
+        bar.close()
+    after = (
+        before
+        if m.name == "untrained"
+        else evaluate(task, eval_fn, params, adapters, config.batch_size)
+    )
+    log.write({"step": config.steps, "eval": after})
+    log.close()
+    # the first step includes the transfer of freshly created buffers: leave it out
+    steady = times[1:] or times
+    row.update(
+        after=after,
+        losses=losses,
+        median_step_s=statistics.median(steady) if steady else None,
+        trainable_bytes=_trainable_bytes(adapters),
+    )
+    if task.sample is not None and config.generate_prompts:
+        row["samples_before"] = task.sample(task.params)
+        row["samples_after"] = task.sample(jl.merge(params, adapters))
+    return row
+
+
+def run(config: ExperimentConfig, out: pathlib.Path, *, methods=None, quiet=False):
+    """Runs every method of ``config`` (or the named subset) and writes ``results.json``."""
+    validate(config)
+    chosen = [m for m in config.methods if methods is None or m.display in methods]
+    if methods is not None and len(chosen) != len(methods):
+        known = [m.display for m in config.methods]
+        raise ConfigError(f"{config.name}: methods {methods} not all in the config's {known}")
+    task = TASKS[config.task](config)
+    out_dir = out / config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [run_method(config, m, task, out_dir, quiet=quiet) for m in chosen]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        if full is not None and r.get("median_step_s") and full.get("median_step_s"):
+            r["time_vs_full"] = r["median_step_s"] / full["median_step_s"]
+            r["temp_mem_vs_full"] = r["temp_bytes"] / max(full["temp_bytes"], 1)
+    result = {
+        "config": dataclasses.asdict(config),
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "rows": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Run one experiment config.")
+    ap.add_argument("--config", required=True, help="module name in experiments/configs")
+    ap.add_argument("--variant", default="local", help="local (CPU, minutes) or full")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    ap.add_argument("--out", default="results", help="results directory")
+    args = ap.parse_args(argv)
+    config = config_lib.load(args.config, args.variant)
+    methods = None if args.methods is None else args.methods.split(",")
+    result = run(config, pathlib.Path(args.out), methods=methods)
+    from experiments.compare import table
+
+    print(table([result]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

@@ -1,0 +1,67 @@
+"""The experiment layer end to end on a tiny config, and its fail-fast validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import compare, launch
+from experiments import config as config_lib
+from experiments.config import MethodConfig
+from jaxlora import assets
+
+pytestmark = pytest.mark.skipif(
+    not (assets.available("minilm") and assets.available("fortunes")),
+    reason="needs the MiniLM and fortunes assets: bash scripts/assets.sh",
+)
+
+
+def test_tiny_config_end_to_end(tmp_path):
+    config = config_lib.load("e1_topics", "tiny")
+    result = launch.run(config, tmp_path, quiet=True)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["untrained"]["after"] == rows["untrained"]["before"]
+    lora = rows["lora"]
+    assert len(lora["losses"]) == config.steps
+    assert lora["trainable_params"] == lora["method_params"] + 384 * 6 + 6
+    assert lora["flops"] > 0 and lora["temp_bytes"] > 0
+    lines = (tmp_path / config.name / "lora" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["eval"] == lora["before"]
+    assert json.loads(lines[-1])["eval"] == lora["after"]
+    events = list((tmp_path / config.name / "lora" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+    plots = compare.plot(result, tmp_path / config.name)
+    assert all(p.stat().st_size > 10_000 for p in plots)
+    md = compare.table([result])
+    assert "| e1_topics_tiny | lora | 11,526 |" in md
+
+
+def test_unknown_method_fails_before_training():
+    config = config_lib.load("e1_topics", "tiny")
+    bad = dataclasses.replace(config, methods=(MethodConfig("lorra"),))
+    with pytest.raises(launch.ConfigError, match=r"unknown method 'lorra'.*'lora'"):
+        launch.validate(bad)
+
+
+def test_impossible_mesh_fails_before_training():
+    config = config_lib.load("e1_topics", "tiny")
+    with pytest.raises(launch.ConfigError, match=r"mesh \{'data': 3\} does not fit 1 device"):
+        launch.validate(dataclasses.replace(config, mesh={"data": 3}))
+
+
+def test_missing_asset_fails_before_training(monkeypatch):
+    def missing(name):
+        raise assets.AssetNotFoundError(f"asset {name!r} is not installed")
+
+    monkeypatch.setattr(assets, "path", missing)
+    with pytest.raises(launch.ConfigError, match=r"asset 'minilm' is not installed"):
+        launch.validate(config_lib.load("e1_topics", "tiny"))
+
+
+def test_unknown_config_and_variant():
+    with pytest.raises(ValueError, match="unknown experiment config 'e9'"):
+        config_lib.load("e9")
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        config_lib.load("e1_topics", "huge")
