@@ -141,7 +141,9 @@ class VeraAdapter(Adapter):
 def _key_data(key: jax.Array) -> tuple[jax.Array, str]:
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # a legacy raw key uses the default impl
-    return jax.random.key_data(key), str(jax.random.key_impl(key))
+    # a copy: key_data aliases the caller's buffer, and a train step that donates the
+    # adapters would otherwise delete the user's key
+    return jnp.array(jax.random.key_data(key), copy=True), str(jax.random.key_impl(key))
 
 
 def vera(

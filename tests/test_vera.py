@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxlora as jl
@@ -138,3 +139,13 @@ def test_missing_shared_state_and_bad_rank():
         jl.merge(PARAMS, ad)
     with pytest.raises(jl.TargetError, match="rank must be a positive integer, got 0"):
         jl.vera(rank=0)
+
+
+def test_init_does_not_alias_the_callers_key():
+    params = {"w": {"kernel": jnp.ones((8, 8))}}
+    key = jax.random.key(3)
+    ad = jl.vera(rank=4, targets="w/kernel").init(key, params)
+    tx = jl.optimizer(optax.sgd(0.1))
+    step = jl.train_step(lambda p, b: jnp.sum(b @ p["w"]["kernel"]), tx)  # donates adapters
+    step(params, ad, tx.init(ad), jnp.ones((2, 8)))
+    jax.random.normal(key, (2,))  # the caller's key is still alive
