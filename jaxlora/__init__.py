@@ -2,9 +2,11 @@
 
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
 from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
+from jaxlora.checkpoint import CheckpointError, CheckpointManager
 from jaxlora.delta_lora import delta_lora
 from jaxlora.dora import dora
 from jaxlora.full import full
+from jaxlora.interop import export_merged, export_peft, hf_module_names, import_peft
 from jaxlora.lora import lora, pissa
 from jaxlora.lora_fa import lora_fa
 from jaxlora.lora_plus import lora_plus
@@ -19,6 +21,8 @@ __all__ = [
     "AdaptError",
     "AdaptReport",
     "Adapter",
+    "CheckpointError",
+    "CheckpointManager",
     "Method",
     "Target",
     "TargetError",
@@ -27,7 +31,11 @@ __all__ = [
     "compose",
     "delta_lora",
     "dora",
+    "export_merged",
+    "export_peft",
     "full",
+    "hf_module_names",
+    "import_peft",
     "labels",
     "lora",
     "lora_fa",
