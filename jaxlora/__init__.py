@@ -1,5 +1,6 @@
 """jaxlora: parameter-efficient fine-tuning as pure functions over JAX parameter pytrees."""
 
+from jaxlora import distributed, sharding
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
 from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
 from jaxlora.checkpoint import CheckpointError, CheckpointManager
@@ -12,6 +13,7 @@ from jaxlora.lora_fa import lora_fa
 from jaxlora.lora_plus import lora_plus
 from jaxlora.methods import method
 from jaxlora.optim import optimizer
+from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
 from jaxlora.train import train_step
 from jaxlora.vera import vera
@@ -30,6 +32,7 @@ __all__ = [
     "adapt_report",
     "compose",
     "delta_lora",
+    "distributed",
     "dora",
     "export_merged",
     "export_peft",
@@ -40,11 +43,14 @@ __all__ = [
     "lora",
     "lora_fa",
     "lora_plus",
+    "make_mesh",
     "merge",
     "method",
     "num_trainable",
     "optimizer",
     "pissa",
+    "sharded_train_step",
+    "sharding",
     "train_step",
     "unmerge",
     "vera",

@@ -1,0 +1,272 @@
+"""Sharded training on 8 fake CPU devices against one device, for every method and preset.
+
+Not collected by the main suite: ``tests/test_sharding.py`` runs this module in its own
+``pytest`` process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, because the
+flag only takes effect before JAX starts. A tiny Llama (2 layers, d=32, 4 heads, 2 KV heads,
+vocabulary 64, sequence 16) trains 5 steps with SGD + momentum, whose updates are linear in
+the gradient, so float32 reduction-order noise is not amplified the way Adam's
+``g/√v`` amplifies it near ``g = 0`` (where every method starts: B = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxlora as jl
+from jaxlora import distributed
+from jaxlora import sharding as sh
+from jaxlora.adapters import SHARED_KEY, adapter_nodes
+from jaxlora.models import llama
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() != 8,
+    reason="needs 8 devices: run through tests/test_sharding.py (sets XLA_FLAGS)",
+)
+
+CONFIG = llama.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+)
+STEPS = 5
+BATCH, SEQ = 8, 16
+TOL = dict(atol=1e-5, rtol=0)
+
+MESHES = {
+    "dp": {"data": 8},
+    "fsdp": {"fsdp": 8},
+    "fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
+}
+# (kernel spec of q_proj, kernel spec of o_proj) per preset: the oracle for adapter specs
+KERNEL_SPECS = {
+    "dp": ((None, None), (None, None)),
+    "fsdp": (("fsdp", None), (None, "fsdp")),
+    "fsdp_tp": (("fsdp", "tensor"), ("tensor", "fsdp")),
+}
+METHODS = {
+    "lora": dict(rank=4, alpha=8.0),
+    "lora_fa": dict(rank=4, alpha=8.0),
+    "vera": dict(rank=8),
+    "dora": dict(rank=4, alpha=8.0),
+    "delta_lora": dict(rank=4, alpha=8.0, lam=0.5, start_step=2),
+    "lora_plus": dict(rank=4, alpha=8.0, ratio=4.0),
+}
+# The default run covers each kind of state once (the compiles are what costs); the whole
+# matrix (-m slow) covers every method under every preset, scanned and not.
+FAST = {
+    ("lora", "fsdp", False),
+    ("lora", "fsdp_tp", True),
+    ("vera", "fsdp_tp", False),  # shared matrices, per-layer vectors
+    ("delta_lora", "fsdp", True),  # the optimizer also moves the sharded base kernels
+}
+CASES = [
+    pytest.param(m, p, s, marks=() if (m, p, s) in FAST else pytest.mark.slow)
+    for m in METHODS
+    for p in MESHES
+    for s in (False, True)
+]
+
+
+def _config(scan: bool) -> llama.LlamaConfig:
+    return dataclasses.replace(CONFIG, scan_layers=scan)
+
+
+def _loss_fn(config):
+    def loss_fn(params, ids):
+        return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
+
+    return loss_fn
+
+
+def _batches():
+    # one batch, seen every step, so that the loss visibly falls
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, CONFIG.vocab_size, size=(BATCH, SEQ)).astype(np.int32)
+    return [ids] * STEPS
+
+
+def _spec(name):
+    return jl.method(name, targets="all-linear", **METHODS[name])
+
+
+def _init_params(config):
+    return functools.partial(llama.init_params, config=config)
+
+
+@functools.cache
+def _reference(name: str, scan: bool):
+    """Losses, adapters and base params after STEPS unsharded steps on one device."""
+    config = _config(scan)
+    spec = _spec(name)
+    # jitted: eager init would compile dozens of tiny programs
+    params = jax.jit(_init_params(config))(jax.random.key(0))
+    adapters = jax.jit(spec.init)(jax.random.key(1), params)
+    tx = spec.optimizer(optax.sgd, learning_rate=0.1, momentum=0.9)
+    state = spec.init_optimizer(tx, params, adapters)
+    step = spec.train_step(_loss_fn(config), tx, donate=False)
+    losses = []
+    for ids in _batches():
+        params, adapters, state, metrics = step(params, adapters, state, jnp.asarray(ids))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(adapters), jax.device_get(params)
+
+
+def _sharded(name: str, preset: str, scan: bool):
+    config = _config(scan)
+    spec = _spec(name)
+    mesh = sh.make_mesh(MESHES[preset])
+    shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
+    psh = sh.param_shardings(shapes, sh.llama_rules(preset), mesh)
+    # the base is initialised straight into its shards, as a real run would
+    params = jax.jit(_init_params(config), out_shardings=psh)(jax.random.key(0))
+    adapters = sh.init_adapters(spec, jax.random.key(1), params, psh)
+    ash = sh.adapter_shardings(adapters, psh)
+    tx = spec.optimizer(optax.sgd, learning_rate=0.1, momentum=0.9)
+    base = dict(params=params, param_shardings=psh) if spec.update_params else {}
+    state = sh.init_opt_state(tx, adapters, ash, **base)
+    osh = sh.opt_state_shardings(tx, adapters, ash, **base)
+    bsh = sh.batch_sharding(mesh)
+    step = sh.sharded_train_step(
+        _loss_fn(config),
+        tx,
+        param_shardings=psh,
+        adapter_shardings=ash,
+        opt_state_shardings=osh,
+        batch_sharding=bsh,
+        update_params=spec.update_params,
+    )
+    losses = []
+    for ids in _batches():
+        out = step(params, adapters, state, distributed.put(ids, bsh))
+        if spec.update_params:
+            params, adapters, state, metrics = out
+        else:
+            adapters, state, metrics = out
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), params, adapters, state, (psh, ash, osh)
+
+
+def _assert_shardings(arrays, shardings):
+    for x, s in zip(jax.tree_util.tree_leaves(arrays), jax.tree_util.tree_leaves(shardings)):
+        assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+
+
+def _expected(node, kernel_spec, field):
+    """The spec an adapter array must have, from the kernel spec (independent oracle)."""
+    stack = (None,) * len(node.layout.stack_axes)
+    k_in, k_out = kernel_spec
+    vera = type(node).__name__.startswith("Vera")
+    if field == "a":  # (stack, in, rank)
+        return P(*stack, k_in, None)
+    if field == "b":  # LoRA (stack, rank, out); VeRA's per-output vector (stack, out)
+        return P(*stack, k_out) if vera else P(*stack, None, k_out)
+    if field == "d":  # VeRA's per-rank vector
+        return P(*stack, None)
+    if field == "m":  # DoRA's per-output magnitude
+        return P(*stack, k_out)
+    raise AssertionError(f"no oracle for {type(node).__name__}.{field}")
+
+
+@pytest.mark.parametrize("name, preset, scan", CASES)
+def test_sharded_matches_single_device(name, preset, scan):
+    ref_losses, ref_adapters, ref_params = _reference(name, scan)
+    losses, params, adapters, state, (psh, ash, osh) = _sharded(name, preset, scan)
+
+    np.testing.assert_allclose(losses, ref_losses, **TOL)
+    got = jax.tree_util.tree_leaves(distributed.to_host(adapters))
+    want = jax.tree_util.tree_leaves(ref_adapters)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **TOL)
+    if _spec(name).update_params:  # Delta-LoRA also moves the base kernels
+        for g, w in zip(
+            jax.tree_util.tree_leaves(distributed.to_host(params)),
+            jax.tree_util.tree_leaves(ref_params),
+        ):
+            np.testing.assert_allclose(g, w, **TOL)
+    assert ref_losses[-1] < ref_losses[0]
+
+    # the step keeps every array in the sharding it was derived for
+    _assert_shardings(params, psh)
+    _assert_shardings(adapters, ash)
+    _assert_shardings(state, osh)
+
+    # adapter specs against the kernel specs of the preset
+    nodes = adapter_nodes(adapters)
+    q_spec, o_spec = KERNEL_SPECS[preset]
+    layer = "layers/" if scan else "layers/0/"
+    for kernel, kspec in (("attn/q_proj", q_spec), ("attn/o_proj", o_spec)):
+        node = nodes[f"{layer}{kernel}/kernel"]
+        for field in node.ARRAYS:
+            got_spec = getattr(node, field).sharding.spec
+            assert got_spec == _expected(node, kspec, field), (kernel, field, got_spec)
+    for x in jax.tree_util.tree_leaves(adapters.get(SHARED_KEY, {})):
+        assert x.sharding.is_fully_replicated
+
+    # optimizer state: every per-parameter array sits exactly like its adapter array
+    by_path = {tuple(kp): x.sharding for kp, x in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+    matched = 0
+    for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        hits = [s for path, s in by_path.items() if tuple(kp)[-len(path) :] == path]
+        if hits and x.ndim:
+            assert x.sharding.is_equivalent_to(hits[0], x.ndim), (kp, x.sharding, hits[0])
+            matched += 1
+        else:
+            assert x.sharding.is_fully_replicated, (kp, x.sharding)
+    assert matched > 0
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fsdp_gathers_each_frozen_kernel_once(scan):
+    """The train step all-gathers no base kernel beyond what the forward pass needs."""
+    config = _config(scan)
+    mesh = sh.make_mesh(MESHES["fsdp"])
+    shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
+    psh = sh.param_shardings(shapes, sh.llama_rules("fsdp"), mesh)
+    method = jl.lora(rank=4, targets="all-linear")
+    adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
+    ash = sh.adapter_shardings(adapters, psh)
+    tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
+    osh = sh.opt_state_shardings(tx, adapters, ash)
+    bsh = sh.batch_sharding(mesh)
+    batch = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
+    loss_fn = _loss_fn(config)
+    step = sh.sharded_train_step(
+        loss_fn,
+        tx,
+        param_shardings=psh,
+        adapter_shardings=ash,
+        opt_state_shardings=osh,
+        batch_sharding=bsh,
+    )
+    forward = jax.jit(jl.adapt(sh.gathered(loss_fn, psh, ("fsdp",))), in_shardings=(psh, ash, bsh))
+    state = jax.eval_shape(tx.init, adapters)
+    in_step = sh.collectives(step.lower(shapes, adapters, state, batch).compile().as_text())
+    in_fwd = sh.collectives(forward.lower(shapes, adapters, batch).compile().as_text())
+
+    kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim >= 2}
+    split = sum(  # base leaves stored split over fsdp, each needed whole by the forward
+        1
+        for s in jax.tree_util.tree_leaves(psh)
+        if "fsdp" in jax.tree_util.tree_leaves(tuple(s.spec))
+    )
+
+    def kernel_gathers(cs):
+        return [c for c in cs if c.op == "all-gather" and c.shapes[-1] in kernels]
+
+    assert len(kernel_gathers(in_fwd)) == split
+    assert len(kernel_gathers(in_step)) == split
+    # no kernel-sized reduction: the frozen base never gets a weight gradient
+    reductions = [c for c in in_step if c.op in ("all-reduce", "reduce-scatter")]
+    assert not [c for c in reductions if set(c.shapes) & kernels]

@@ -1,0 +1,316 @@
+"""jaxlora.sharding: meshes, path rules, derived adapter/optimizer shardings.
+
+Everything here runs on the one CPU device of the main test process, with abstract meshes
+for the rule and spec checks. The numerical checks (sharded training equals one device,
+under every preset) need 8 devices, which ``XLA_FLAGS`` only provides before JAX starts:
+:func:`test_sharded_cases` runs ``tests/_sharded_cases.py`` in its own pytest process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+import jaxlora as jl
+from jaxlora import distributed
+from jaxlora import sharding as sh
+from jaxlora.adapters import SHARED_KEY, Adapter, Factors, nest, register_adapter
+from jaxlora.models import llama
+from jaxlora.targets import Target, select
+
+HERE = pathlib.Path(__file__).parent
+MESH = AbstractMesh((2, 2, 2), sh.AXES)
+CONFIG = llama.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+)
+
+
+def _shapes(scan: bool):
+    config = dataclasses.replace(CONFIG, scan_layers=scan)
+    return jax.eval_shape(functools.partial(llama.init_params, config=config), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def test_mesh_shape_resolves_the_rest():
+    assert sh.mesh_shape({"fsdp": -1, "tensor": 2}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sh.mesh_shape((2, -1, 1), 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sh.mesh_shape(None, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert sh.mesh_shape({"x": -1}, 4, axis_names=("x",)) == {"x": 4}
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ({"model": 2}, "unknown mesh axes"),
+        ({"data": -1, "fsdp": -1}, "at most one -1"),
+        ({"fsdp": 3}, "covers 3 devices"),
+        ({"fsdp": 3, "data": -1}, "not divisible by 3"),
+        ((2, 2), "does not fit axis names"),
+    ],
+)
+def test_mesh_shape_errors(shape, match):
+    with pytest.raises(sh.ShardingError, match=match):
+        sh.mesh_shape(shape, 8)
+
+
+def test_make_mesh_on_one_device_has_all_axes():
+    mesh = sh.make_mesh({"fsdp": -1})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_llama_presets(scan):
+    shapes = _shapes(scan)
+    lead = (None,) if scan else ()
+    layer = (lambda p: f"layers/{p}") if scan else (lambda p: f"layers/1/{p}")
+    expect = {
+        "fsdp": {
+            "attn/q_proj/kernel": ("fsdp", None),
+            "attn/o_proj/kernel": (None, "fsdp"),
+            "mlp/down_proj/kernel": (None, "fsdp"),
+            "input_norm/scale": (None,),
+        },
+        "fsdp_tp": {
+            "attn/k_proj/kernel": ("fsdp", "tensor"),
+            "attn/o_proj/kernel": ("tensor", "fsdp"),
+            "mlp/up_proj/kernel": ("fsdp", "tensor"),
+            "post_attn_norm/scale": (None,),
+        },
+    }
+    for preset, kernels in expect.items():
+        specs = sh.param_specs(shapes, sh.llama_rules(preset), MESH)
+        flat = {jl.targets.path_str(k): s for k, s in jax.tree_util.tree_leaves_with_path(specs)}
+        for path, spec in kernels.items():
+            assert flat[layer(path)] == P(*lead, *spec), (preset, path)
+        assert flat["final_norm/scale"] == P(None)
+        top = {"fsdp": (("fsdp", None), (None, "fsdp")), "fsdp_tp": (("fsdp", "tensor"),) * 2}
+        assert flat["lm_head/kernel"] == P(*top[preset][0])
+    dp = sh.param_specs(shapes, sh.llama_rules("dp"), MESH)
+    assert all(all(e is None for e in s) for s in jax.tree_util.tree_leaves(dp))
+    with pytest.raises(ValueError, match="unknown preset"):
+        sh.llama_rules("zero3")
+
+
+def test_rules_errors_name_the_path():
+    params = {"attn": {"kernel": jnp.zeros((6, 4))}, "norm": jnp.zeros(4)}
+    with pytest.raises(sh.ShardingError, match=r"no partition rule matches 'norm'"):
+        sh.param_specs(params, [(r".*kernel", P())], MESH)
+    with pytest.raises(sh.ShardingError, match=r"'attn/kernel'.*size 6.*\('data', 'fsdp'\)"):
+        sh.param_specs(params, [(r".*", P(("data", "fsdp"), None))], MESH)
+    with pytest.raises(sh.ShardingError, match=r"'attn/kernel'.*mesh axis 'model'"):
+        sh.param_specs(params, [(r".*", P("model"))], MESH)
+    with pytest.raises(sh.ShardingError, match=r"'norm'.*fewer axes"):
+        sh.param_specs(params, [(r".*kernel", P()), (r".*", P(None, "fsdp"))], MESH)
+    with pytest.raises(sh.ShardingError, match=r"'attn/kernel'.*twice"):
+        sh.param_specs(params, [(r".*", P("fsdp", "fsdp"))], MESH)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_lora_factors_follow_their_kernel_axes():
+    params = {
+        # DenseGeneral output projection (heads, head_dim, d), stacked over 3 layers
+        "o": {"kernel": jnp.zeros((3, 4, 8, 16))},
+        "q": {"kernel": jnp.zeros((16, 32))},
+    }
+    targets = [Target(r"o/kernel", in_axes=(1, 2), out_axes=(3,)), Target(r"q/kernel")]
+    specs = {"o": {"kernel": P(None, "tensor", None, "fsdp")}, "q": {"kernel": P("fsdp", None)}}
+    adapters = jax.eval_shape(jl.lora(rank=2, targets=targets).init, jax.random.key(0), params)
+    got = sh.adapter_specs(adapters, specs)
+    assert got["o"]["kernel"].a == P(None, "tensor", None, None)
+    assert got["o"]["kernel"].b == P(None, None, "fsdp")
+    assert got["q"]["kernel"].a == P("fsdp", None)
+    assert got["q"]["kernel"].b == P(None, None)
+
+
+def test_vera_and_dora_vectors_follow_the_output_axis():
+    params = {"w": {"kernel": jnp.zeros((2, 16, 16))}}  # square: shapes alone are ambiguous
+    specs = {"w": {"kernel": P(None, "fsdp", "tensor")}}
+    vera = jax.eval_shape(jl.vera(rank=4, targets="w/kernel").init, jax.random.key(0), params)
+    got = sh.adapter_specs(vera, specs)
+    assert got["w"]["kernel"].d == P(None, None)
+    assert got["w"]["kernel"].b == P(None, "tensor")
+    shared = jax.tree_util.tree_leaves(got[SHARED_KEY], is_leaf=lambda x: isinstance(x, P))
+    assert shared and all(s == P() for s in shared)
+    dora = jax.eval_shape(jl.dora(rank=4, targets="w/kernel").init, jax.random.key(0), params)
+    assert sh.adapter_specs(dora, specs)["w"]["kernel"].m == P(None, "tensor")
+
+
+@register_adapter
+class _ThirdParty(Adapter):
+    """An adapter class that declares no AXES: its axes are inferred from shapes."""
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("a", "b", "scale_out", "gate")
+    LABELS: ClassVar[dict[str, str]] = {"a": "a", "b": "b", "scale_out": "s", "gate": "g"}
+
+    layout: Any
+    rank: int
+    a: Any
+    b: Any
+    scale_out: Any
+    gate: Any
+
+    def factors(self, shared):
+        return Factors(self.a, self.b, 1.0, self.scale_out)
+
+
+def test_axes_inferred_for_adapters_without_declaration():
+    params = {"w": jnp.zeros((5, 8, 12)), "head": jnp.zeros((8, 12))}
+    (layout,) = select(params, "w").values()
+
+    def node(rank):
+        return _ThirdParty(
+            layout=layout,
+            rank=rank,
+            a=jnp.zeros((5, 8, rank)),
+            b=jnp.zeros((5, rank, 12)),
+            scale_out=jnp.zeros((5, 12)),
+            gate=jnp.zeros((5, 3, 3)),  # fits nothing: stack axis kept, the rest replicated
+        )
+
+    specs = {"w": P("tensor", "fsdp", "data"), "head": P(None, "data")}
+    got = sh.adapter_specs(nest({"w": node(4)}), specs)["w"]
+    assert (got.a, got.b) == (P("tensor", "fsdp", None), P("tensor", None, "data"))
+    assert (got.scale_out, got.gate) == (P("tensor", "data"), P("tensor", None, None))
+    # rank == d_out: scale_out fits (stack, out) and (stack, rank): replicated, not guessed
+    got = sh.adapter_specs(nest({"w": node(12)}), specs)["w"]
+    assert got.scale_out == P("tensor", None)
+    # fully trained copies (jl.full) take the base leaf's spec
+    full = jl.compose(jl.lora(rank=2, targets="w"), jl.full(targets="head"))
+    adapters = jax.eval_shape(full.init, jax.random.key(0), params)
+    assert sh.adapter_specs(adapters, specs)["__full__"]["head"] == P(None, "data")
+    with pytest.raises(sh.ShardingError, match="'w' has no base spec"):
+        sh.adapter_specs(adapters, {"head": P()})
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_opt_state_follows_adapters_through_masks_and_labels():
+    shapes = _shapes(scan=True)
+    specs = sh.param_specs(shapes, sh.llama_rules("fsdp_tp"), MESH)
+    adapters = jax.eval_shape(
+        jl.lora_fa(rank=4, targets="all-linear").init, jax.random.key(0), shapes
+    )
+    aspecs = sh.adapter_specs(adapters, specs)
+    tx = jl.optimizer({"lora_b": optax.adam(1e-3)})  # A is frozen: masked, no state
+    state = jax.eval_shape(tx.init, adapters)
+    got = sh.opt_state_specs(state, adapters, aspecs)
+    q = "layers/attn/q_proj/kernel"
+    b_spec = aspecs["layers"]["attn"]["q_proj"]["kernel"].b
+    per_param = 0
+    for kp, spec in jax.tree_util.tree_leaves_with_path(got, is_leaf=lambda x: isinstance(x, P)):
+        path = jl.targets.path_str(kp)
+        if path.endswith(f"{q}/b"):
+            assert spec == b_spec == P(None, None, "tensor")
+            per_param += 1
+        elif "count" in path:
+            assert spec == P()
+    assert per_param == 2  # adam's mu and nu
+
+
+def test_opt_state_over_params_and_adapters():
+    shapes = _shapes(scan=False)
+    specs = sh.param_specs(shapes, sh.llama_rules("fsdp"), MESH)
+    adapters = jax.eval_shape(
+        jl.lora(rank=4, targets=".*q_proj/kernel").init, jax.random.key(0), shapes
+    )
+    aspecs = sh.adapter_specs(adapters, specs)
+    # an optimizer with state for the base too, e.g. full fine-tuning of some leaves
+    tx = optax.adam(1e-3)
+    state = jax.eval_shape(tx.init, (shapes, adapters))
+    got = sh.opt_state_specs(state, adapters, aspecs, params=shapes, param_specs=specs)
+    mu_params, mu_adapters = got[0].mu
+    assert mu_params["layers"]["0"]["mlp"]["down_proj"]["kernel"] == P(None, "fsdp")
+    assert mu_adapters["layers"]["0"]["attn"]["q_proj"]["kernel"].a == P("fsdp", None)
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def test_gathered_drops_only_the_gathered_axes():
+    assert sh._drop_axes(P("fsdp", ("data", "tensor"), None), ("fsdp", "data")) == P(
+        None, "tensor", None
+    )
+
+
+def test_collectives_parses_combined_and_async_ops():
+    text = "\n".join(
+        [
+            "  %a = (f32[4,2]{1,0}, f32[]) all-reduce(f32[4,2]{1,0} %x, f32[] %y), to_apply=%s",
+            "  ROOT %g = f32[8,4]{1,0} all-gather-start(f32[1,4]{1,0} %p), dimensions={0}",
+            "  %d = f32[8,4]{1,0} all-gather-done(f32[8,4]{1,0} %g)",
+            "  %m = f32[8,4]{1,0} multiply(f32[8,4]{1,0} %d, f32[8,4]{1,0} %d)",
+        ]
+    )
+    assert sh.collectives(text) == [
+        sh.Collective("all-reduce", ((4, 2), ())),
+        sh.Collective("all-gather", ((8, 4),)),
+    ]
+
+
+def test_distributed_initialize_is_env_driven():
+    assert distributed.initialize({}) is False
+    assert distributed.initialize({"JAX_NUM_PROCESSES": "1"}) is False
+    assert distributed.initialize({"SLURM_NTASKS": "1"}) is False
+    assert distributed.initialize({"JAXLORA_DISTRIBUTED": "0", "SLURM_NTASKS": "4"}) is False
+    with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
+        distributed.initialize({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"})
+
+
+def _run_cases(marker: str, timeout: int) -> None:
+    # Cheaper LLVM code generation halves the compile times that dominate these tiny runs;
+    # the one-device reference runs in the same process, under the same flags.
+    flags = " ".join(
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            "--xla_force_host_platform_device_count=8",
+            "--xla_backend_optimization_level=0",
+            "--xla_llvm_disable_expensive_passes=true",
+        ]
+    ).strip()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": flags,
+        "JAX_PLATFORMS": "cpu",
+    }
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", str(HERE / "_sharded_cases.py")]
+    proc = subprocess.run(
+        [*cmd, "-m", marker],
+        env=env,
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_sharded_cases():
+    """Sharded training == one device, and FSDP gathers each kernel once (8 fake devices)."""
+    _run_cases("not slow", timeout=600)
+
+
+@pytest.mark.slow
+def test_sharded_cases_every_method_and_preset():
+    _run_cases("slow or not slow", timeout=3600)
