@@ -33,6 +33,7 @@ COLUMNS = [
     ("temp_mem_vs_full", "XLA temp mem / full FT"),
     ("median_ms", "median step ms"),
     ("trainable_kib", "trainable KiB"),
+    ("checkpoint_kib", "adapter checkpoint KiB"),
 ]
 
 
@@ -53,6 +54,9 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "temp_mem_vs_full": r.get("temp_mem_vs_full"),
                 "median_ms": None if r.get("median_step_s") is None else 1e3 * r["median_step_s"],
                 "trainable_kib": r["trainable_bytes"] / 1024,
+                "checkpoint_kib": None
+                if r.get("checkpoint_bytes") is None
+                else r["checkpoint_bytes"] / 1024,
             }
         )
     return out

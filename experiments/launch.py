@@ -34,6 +34,7 @@ from experiments import config as config_lib
 from experiments.config import ExperimentConfig, MethodConfig
 from experiments.tasks import ASSETS, TASKS, Task
 from jaxlora import assets, data
+from jaxlora.checkpoint import checkpoint_bytes
 from jaxlora.methods import NAMES, MethodSpec
 from jaxlora.profiling import cost_of
 
@@ -132,6 +133,13 @@ class _Log:
         self.tb.close()
 
 
+def _latest_checkpoint_bytes(directory: pathlib.Path) -> int | None:
+    steps = [p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()]
+    if not steps:
+        return None
+    return checkpoint_bytes(max(steps, key=lambda p: int(p.name)))
+
+
 def _trainable_bytes(adapters: Any) -> int:
     leaves = jax.tree_util.tree_leaves(adapters)
     lab = jax.tree_util.tree_leaves(jl.labels(adapters))
@@ -143,9 +151,21 @@ def _head_params(adapters: Any) -> int:
 
 
 def run_method(
-    config: ExperimentConfig, m: MethodConfig, task: Task, out_dir: pathlib.Path, *, quiet=False
+    config: ExperimentConfig,
+    m: MethodConfig,
+    task: Task,
+    out_dir: pathlib.Path,
+    *,
+    quiet: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Trains and evaluates one method; returns its row of the results table."""
+    """Trains and evaluates one method; returns its row of the results table.
+
+    With ``resume`` it continues from the method's latest checkpoint (adapters, optimizer
+    state, moved base, data position), bit-for-bit as if never stopped. ``stop_after``
+    ends the run after that many steps in total, as an interruption would (for tests).
+    """
     spec = method_spec(m, task)
     key = jax.random.key(config.seed)
     params, adapters = spec.prepare(key, task.params)
@@ -160,11 +180,30 @@ def run_method(
     )
     opt_state = spec.init_optimizer(tx, params, adapters)
     eval_fn = jax.jit(jl.adapt(task.eval_fn))
-    before = evaluate(task, eval_fn, params, adapters, config.batch_size)
     method_dir = out_dir / m.display
     method_dir.mkdir(parents=True, exist_ok=True)
+    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
+    ckpt_dir = method_dir / "checkpoints"
+    ckpt = jl.CheckpointManager(ckpt_dir, max_to_keep=2, method=spec.adapters)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        state = ckpt.restore(
+            adapters=adapters, opt_state=opt_state, base=params if spec.update_params else None
+        )
+        adapters, opt_state, start = state.adapters, state.opt_state, state.step
+        params = state.base if spec.update_params else params
+        batches.position = state.data_position
+        records = [json.loads(x) for x in (method_dir / "metrics.jsonl").read_text().splitlines()]
+        history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= start)]
+    before = (
+        history[0]["eval"]
+        if history
+        else evaluate(task, eval_fn, params, adapters, config.batch_size)
+    )
     log = _Log(method_dir)
-    log.write({"step": 0, "eval": before})
+    for record in history or [{"step": 0, "eval": before}]:
+        log.write(record)
 
     trainable = jl.num_trainable(adapters)
     row: dict[str, Any] = {
@@ -173,9 +212,9 @@ def run_method(
         "method_params": trainable - _head_params(adapters) if m.name != "full" else trainable,
         "before": before,
     }
-    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
     times: list[float] = []
-    losses: list[float] = []
+    losses = [r["loss"] for r in history if "loss" in r]
+    last = min(config.steps, stop_after or config.steps)
     if m.name != "untrained":
         step = spec.train_step(task.loss_fn, tx, jit=False)
         donate = (0, 1, 2) if spec.update_params else (1, 2)
@@ -189,7 +228,9 @@ def run_method(
         cost = cost_of(compiled)
         row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
         bar = tqdm(
-            range(config.steps),
+            range(start, last),
+            initial=start,
+            total=config.steps,
             desc=f"{config.name}/{m.display}",
             disable=quiet,
             unit="step",
@@ -209,13 +250,27 @@ def run_method(
             if config.eval_every and (i + 1) % config.eval_every == 0 and i + 1 < config.steps:
                 record["eval"] = evaluate(task, eval_fn, params, adapters, config.batch_size)
             log.write(record)
+            every = config.checkpoint_every
+            if (every and (i + 1) % every == 0) or i + 1 == config.steps:
+                ckpt.save(
+                    i + 1,
+                    adapters=adapters,
+                    opt_state=opt_state,
+                    rng=key,
+                    data_position=batches.position,
+                    base=params if spec.update_params else None,
+                    metrics={"loss": loss},
+                )
+                # the next step donates these buffers: the host copy must be complete
+                ckpt.wait()
         bar.close()
+    ckpt.close()
     after = (
         before
         if m.name == "untrained"
         else evaluate(task, eval_fn, params, adapters, config.batch_size)
     )
-    log.write({"step": config.steps, "eval": after})
+    log.write({"step": last, "eval": after})
     log.close()
     # the first step includes the transfer of freshly created buffers: leave it out
     steady = times[1:] or times
@@ -224,6 +279,7 @@ def run_method(
         losses=losses,
         median_step_s=statistics.median(steady) if steady else None,
         trainable_bytes=_trainable_bytes(adapters),
+        checkpoint_bytes=_latest_checkpoint_bytes(ckpt_dir),
     )
     if task.sample is not None and config.generate_prompts:
         row["samples_before"] = task.sample(task.params)
@@ -231,7 +287,15 @@ def run_method(
     return row
 
 
-def run(config: ExperimentConfig, out: pathlib.Path, *, methods=None, quiet=False):
+def run(
+    config: ExperimentConfig,
+    out: pathlib.Path,
+    *,
+    methods=None,
+    quiet=False,
+    resume=False,
+    stop_after=None,
+):
     """Runs every method of ``config`` (or the named subset) and writes ``results.json``."""
     validate(config)
     chosen = [m for m in config.methods if methods is None or m.display in methods]
@@ -241,7 +305,10 @@ def run(config: ExperimentConfig, out: pathlib.Path, *, methods=None, quiet=Fals
     task = TASKS[config.task](config)
     out_dir = out / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [run_method(config, m, task, out_dir, quiet=quiet) for m in chosen]
+    rows = [
+        run_method(config, m, task, out_dir, quiet=quiet, resume=resume, stop_after=stop_after)
+        for m in chosen
+    ]
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
         if full is not None and r.get("median_step_s") and full.get("median_step_s"):
@@ -263,10 +330,11 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="local", help="local (CPU, minutes) or full")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     ap.add_argument("--out", default="results", help="results directory")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     args = ap.parse_args(argv)
     config = config_lib.load(args.config, args.variant)
     methods = None if args.methods is None else args.methods.split(",")
-    result = run(config, pathlib.Path(args.out), methods=methods)
+    result = run(config, pathlib.Path(args.out), methods=methods, resume=args.resume)
     from experiments.compare import table
 
     print(table([result]))

@@ -1,0 +1,58 @@
+"""E2 — causal LM: SmolLM2-135M-Instruct (from its GGUF) on chatterbot Q/A dialogues.
+
+The loss is on the answer tokens only; the table reports held-out loss before and after,
+and greedy answers to a few prompts before and after.
+
+    python -m experiments.launch --config e2_causal_lm --variant local   # CPU, ~15 min
+    python -m experiments.launch --config e2_causal_lm --variant full    # GPU/TPU host
+"""
+
+from __future__ import annotations
+
+from experiments.config import ExperimentConfig, MethodConfig
+
+TARGETS = "all-linear"
+PROMPTS = ("What is AI?", "Do you like music?", "Tell me a joke.")
+
+
+def methods(rank: int, vera_rank: int) -> tuple[MethodConfig, ...]:
+    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
+    return (
+        MethodConfig("full", learning_rate=2e-5),
+        MethodConfig("lora", learning_rate=1e-3, kwargs=lora),
+        MethodConfig("lora_fa", learning_rate=1e-3, kwargs=lora),
+        MethodConfig("vera", learning_rate=1e-2, kwargs={"rank": vera_rank, "targets": TARGETS}),
+        MethodConfig(
+            "delta_lora", learning_rate=1e-3, kwargs={**lora, "lam": 0.5, "start_step": 5}
+        ),
+        MethodConfig("lora_plus", learning_rate=2.5e-4, kwargs={**lora, "ratio": 16.0}),
+        MethodConfig("dora", learning_rate=1e-3, kwargs=lora),
+    )
+
+
+def get_config(variant: str = "local") -> ExperimentConfig:
+    if variant == "local":
+        return ExperimentConfig(
+            name="e2_causal_lm",
+            task="causal_lm",
+            methods=methods(rank=8, vera_rank=64),
+            steps=40,
+            batch_size=8,
+            max_length=64,
+            warmup_steps=5,
+            max_eval_examples=128,
+            generate_prompts=PROMPTS,
+        )
+    if variant == "full":
+        return ExperimentConfig(
+            name="e2_causal_lm_full",
+            task="causal_lm",
+            methods=methods(rank=16, vera_rank=256),
+            steps=1000,
+            batch_size=32,
+            max_length=128,
+            eval_every=100,
+            warmup_steps=50,
+            generate_prompts=PROMPTS,
+        )
+    raise ValueError(f"e2_causal_lm: unknown variant {variant!r}; use local or full")
