@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments import config as config_lib
 from experiments import launch
+from jaxlora import distributed
 
 COLUMNS = [
     ("experiment", "experiment"),
@@ -144,6 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variant", default="local")
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
+    distributed.initialize()  # a no-op for one process; joins the pod/cluster otherwise
     out = pathlib.Path(args.out)
     configs = [config_lib.load(n, args.variant) for n in args.configs.split(",")]
     for c in configs:  # every config is checked before the first one trains

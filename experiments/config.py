@@ -51,7 +51,10 @@ class ExperimentConfig:
     seed: int = 0
     """Seed of data order, split and adapter init."""
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
-    """Mesh axis sizes; -1 takes the remaining devices."""
+    """Mesh axis sizes over ``data``, ``fsdp``, ``tensor``; -1 takes the remaining devices."""
+    rules: str = "dp"
+    """Partition rules of the base params: ``dp`` (replicated) for every task; ``fsdp``,
+    ``tp``, ``fsdp_tp`` for the Llama task (``jaxlora.sharding.llama_rules``)."""
     max_train_examples: int | None = None
     """Cap on training examples (None: all)."""
     max_eval_examples: int | None = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -32,8 +31,9 @@ from tqdm import tqdm
 import jaxlora as jl
 from experiments import config as config_lib
 from experiments.config import ExperimentConfig, MethodConfig
-from experiments.tasks import ASSETS, TASKS, Task
-from jaxlora import assets, data
+from experiments.tasks import ASSETS, RULE_PRESETS, TASKS, Task, partition_rules
+from jaxlora import assets, data, distributed
+from jaxlora import sharding as sh
 from jaxlora.checkpoint import checkpoint_bytes
 from jaxlora.methods import NAMES, MethodSpec
 from jaxlora.profiling import cost_of
@@ -76,22 +76,28 @@ def validate(config: ExperimentConfig) -> None:
             assets.path(name)
         except assets.AssetNotFoundError as e:
             raise ConfigError(f"{config.name}: {e}") from e
-    mesh_shape(config.mesh)
+    sizes = mesh_shape(config.mesh)
     if config.steps < 1 or config.batch_size < 1:
         raise ConfigError(f"{config.name}: steps and batch_size must be positive")
+    if config.rules not in RULE_PRESETS[config.task]:
+        raise ConfigError(
+            f"{config.name}: rules {config.rules!r} not available for task {config.task!r}; "
+            f"use one of {RULE_PRESETS[config.task]}"
+        )
+    shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if config.batch_size % shards:
+        raise ConfigError(
+            f"{config.name}: batch_size {config.batch_size} is not divisible by the "
+            f"{shards} data/fsdp shards of mesh {sizes}"
+        )
 
 
 def mesh_shape(axes: dict[str, int]) -> dict[str, int]:
     """Resolves -1 in a mesh spec against the available devices, or raises ConfigError."""
-    n = jax.device_count()
-    fixed = math.prod(v for v in axes.values() if v != -1)
-    free = [k for k, v in axes.items() if v == -1]
-    if len(free) > 1 or fixed < 1 or n % fixed or (not free and fixed != n):
-        raise ConfigError(
-            f"mesh {axes} does not fit {n} device(s): sizes must multiply to the device count "
-            "(at most one axis may be -1)"
-        )
-    return {k: (n // fixed if v == -1 else v) for k, v in axes.items()}
+    try:
+        return sh.mesh_shape(axes, jax.device_count())
+    except sh.ShardingError as e:
+        raise ConfigError(f"mesh {axes} does not fit {jax.device_count()} device(s): {e}") from e
 
 
 def _schedule(config: ExperimentConfig, lr: float):
@@ -131,6 +137,11 @@ class _Log:
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
+
+
+def _put_batch(batch: dict[str, Any], sharding) -> dict[str, Any]:
+    """A host batch as global arrays split over the mesh's data/fsdp axes."""
+    return distributed.put(batch, {k: sharding for k in batch})
 
 
 def _latest_checkpoint_bytes(directory: pathlib.Path) -> int | None:
@@ -178,7 +189,17 @@ def run_method(
         learning_rate=_schedule(config, m.learning_rate),
         weight_decay=config.weight_decay,
     )
-    opt_state = spec.init_optimizer(tx, params, adapters)
+    # Everything lives in its shards: base params by the config's rules, each adapter
+    # array like its kernel, optimizer state like its parameter, batches over data/fsdp.
+    mesh = jl.make_mesh(config.mesh)
+    psh = sh.param_shardings(params, partition_rules(config.rules), mesh)
+    params = distributed.put(params, psh)
+    ash = sh.adapter_shardings(adapters, psh)
+    adapters = distributed.put(adapters, ash)
+    base = {"params": params, "param_shardings": psh} if spec.update_params else {}
+    opt_state = sh.init_opt_state(tx, adapters, ash, **base)
+    osh = sh.opt_state_shardings(tx, adapters, ash, **base)
+    bsh = sh.batch_sharding(mesh)
     eval_fn = jax.jit(jl.adapt(task.eval_fn))
     method_dir = out_dir / m.display
     method_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +210,11 @@ def run_method(
     start = 0
     if resume and ckpt.latest_step() is not None:
         state = ckpt.restore(
-            adapters=adapters, opt_state=opt_state, base=params if spec.update_params else None
+            adapters=adapters,
+            opt_state=opt_state,
+            base=params if spec.update_params else None,
+            adapter_shardings=ash,
+            opt_state_shardings=osh,
         )
         adapters, opt_state, start = state.adapters, state.opt_state, state.step
         params = state.base if spec.update_params else params
@@ -216,15 +241,18 @@ def run_method(
     losses = [r["loss"] for r in history if "loss" in r]
     last = min(config.steps, stop_after or config.steps)
     if m.name != "untrained":
-        step = spec.train_step(task.loss_fn, tx, jit=False)
-        donate = (0, 1, 2) if spec.update_params else (1, 2)
+        step = jl.sharded_train_step(
+            task.loss_fn,
+            tx,
+            param_shardings=psh,
+            adapter_shardings=ash,
+            opt_state_shardings=osh,
+            batch_sharding=bsh,
+            update_params=spec.update_params,
+        )
         example = next(iter(data.sequential_batches(task.train, config.batch_size)))
         example.pop("valid")
-        compiled = (
-            jax.jit(step, donate_argnums=donate)
-            .lower(params, adapters, opt_state, example)
-            .compile()
-        )
+        compiled = step.lower(params, adapters, opt_state, _put_batch(example, bsh)).compile()
         cost = cost_of(compiled)
         row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
         bar = tqdm(
@@ -237,9 +265,12 @@ def run_method(
             dynamic_ncols=True,
         )
         for i in bar:
-            batch = next(batches)
+            batch = _put_batch(next(batches), bsh)
             t0 = time.perf_counter()
-            params, adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
+            if spec.update_params:
+                params, adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
+            else:
+                adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
             loss = float(metrics["loss"])  # blocks: the step is finished
             dt = time.perf_counter() - t0
             times.append(dt)
@@ -332,6 +363,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results", help="results directory")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
     args = ap.parse_args(argv)
+    distributed.initialize()  # a no-op for one process; joins the pod/cluster otherwise
     config = config_lib.load(args.config, args.variant)
     methods = None if args.methods is None else args.methods.split(",")
     result = run(config, pathlib.Path(args.out), methods=methods, resume=args.resume)

@@ -50,6 +50,17 @@ class Task:
     """``sample(merged_params)`` -> generated texts (causal LM only)."""
 
 
+def partition_rules(preset: str):
+    """The base params' partition rules for ``preset`` (``dp`` replicates everything)."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlora import sharding
+
+    if preset == "dp":
+        return ((".*", P()),)
+    return sharding.llama_rules(preset)
+
+
 def _cap(arrays: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray]:
     return arrays if n is None else {k: v[:n] for k, v in arrays.items()}
 
@@ -161,6 +172,12 @@ def causal_lm(config: ExperimentConfig) -> Task:
         sample=sample,
     )
 
+
+RULE_PRESETS: dict[str, tuple[str, ...]] = {
+    "classification": ("dp",),
+    "causal_lm": ("dp", "fsdp", "tp", "fsdp_tp"),
+}
+"""Partition-rule presets per task (BERT has no sharded preset yet), checked up front."""
 
 TASKS: dict[str, Callable[[ExperimentConfig], Task]] = {
     "classification": topic_classification,

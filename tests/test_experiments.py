@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from experiments import compare, launch
 from experiments import config as config_lib
 from experiments.config import MethodConfig
 from jaxlora import assets
+
+ROOT = pathlib.Path(__file__).parents[1]
 
 pytestmark = pytest.mark.skipif(
     not (assets.available("minilm") and assets.available("fortunes")),
@@ -80,3 +87,29 @@ def test_unknown_config_and_variant():
         config_lib.load("e9")
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         config_lib.load("e1_topics", "huge")
+
+
+def test_tiny_config_on_a_two_device_mesh_matches_one_device(tmp_path):
+    # the flag only works before JAX starts, so the 2-device run is its own process
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.launch",
+        "--config",
+        "e1_topics",
+        "--variant",
+        "tiny",
+        "--methods",
+        "lora",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=240)
+    two = json.loads((out / "e1_topics_tiny" / "results.json").read_text())["rows"][0]
+    one = launch.run(
+        config_lib.load("e1_topics", "tiny"), tmp_path / "one", methods=["lora"], quiet=True
+    )["rows"][0]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert two["after"]["accuracy"] == one["after"]["accuracy"]
