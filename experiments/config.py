@@ -65,6 +65,30 @@ class ExperimentConfig:
     """causal_lm only: prompts whose greedy continuations are shown before and after."""
 
 
+def adapter_methods(
+    *, rank: int, vera_rank: int, targets: str = "all-linear", delta_start: int = 10
+) -> tuple[MethodConfig, ...]:
+    """The adapter methods every experiment compares, with their usual learning rates.
+
+    LoRA-family methods use ``alpha = 2·rank``; LoRA+ starts A at a quarter of LoRA's rate,
+    so B runs at 4x LoRA's (ratio 16, as the paper recommends); VeRA's vectors need a ~10x
+    larger rate than LoRA (its paper's finding).
+    """
+    lora = {"rank": rank, "alpha": 2 * rank, "targets": targets}
+    return (
+        MethodConfig("lora", learning_rate=1e-3, kwargs=lora),
+        MethodConfig("lora_fa", learning_rate=1e-3, kwargs=lora),
+        MethodConfig("vera", learning_rate=1e-2, kwargs={"rank": vera_rank, "targets": targets}),
+        MethodConfig(
+            "delta_lora",
+            learning_rate=1e-3,
+            kwargs={**lora, "lam": 0.5, "start_step": delta_start},
+        ),
+        MethodConfig("lora_plus", learning_rate=2.5e-4, kwargs={**lora, "ratio": 16.0}),
+        MethodConfig("dora", learning_rate=1e-3, kwargs=lora),
+    )
+
+
 def load(name: str, variant: str = "local") -> ExperimentConfig:
     """Imports ``experiments.configs.<name>`` and calls its ``get_config(variant)``.
 

@@ -9,27 +9,17 @@ Every method trains the same head in full beside its adapters (PEFT's ``modules_
 
 from __future__ import annotations
 
-from experiments.config import ExperimentConfig, MethodConfig
+from experiments.config import ExperimentConfig, MethodConfig, adapter_methods
 
 TARGETS = "all-linear"  # every encoder kernel; the head is excluded by the preset
 
 
 def methods(rank: int, vera_rank: int) -> tuple[MethodConfig, ...]:
-    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
     return (
         MethodConfig("untrained"),
         MethodConfig("linear_probe", learning_rate=1e-2),
         MethodConfig("full", learning_rate=5e-5),
-        MethodConfig("lora", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("lora_fa", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("vera", learning_rate=1e-2, kwargs={"rank": vera_rank, "targets": TARGETS}),
-        MethodConfig(
-            "delta_lora",
-            learning_rate=1e-3,
-            kwargs={**lora, "lam": 0.5, "start_step": 10},
-        ),
-        MethodConfig("lora_plus", learning_rate=2.5e-4, kwargs={**lora, "ratio": 16.0}),
-        MethodConfig("dora", learning_rate=1e-3, kwargs=lora),
+        *adapter_methods(rank=rank, vera_rank=vera_rank, targets=TARGETS),
     )
 
 

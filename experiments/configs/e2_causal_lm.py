@@ -9,24 +9,16 @@ and greedy answers to a few prompts before and after.
 
 from __future__ import annotations
 
-from experiments.config import ExperimentConfig, MethodConfig
+from experiments.config import ExperimentConfig, MethodConfig, adapter_methods
 
 TARGETS = "all-linear"
 PROMPTS = ("What is AI?", "Do you like music?", "Tell me a joke.")
 
 
 def methods(rank: int, vera_rank: int) -> tuple[MethodConfig, ...]:
-    lora = {"rank": rank, "alpha": 2 * rank, "targets": TARGETS}
     return (
         MethodConfig("full", learning_rate=2e-5),
-        MethodConfig("lora", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("lora_fa", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("vera", learning_rate=1e-2, kwargs={"rank": vera_rank, "targets": TARGETS}),
-        MethodConfig(
-            "delta_lora", learning_rate=1e-3, kwargs={**lora, "lam": 0.5, "start_step": 5}
-        ),
-        MethodConfig("lora_plus", learning_rate=2.5e-4, kwargs={**lora, "ratio": 16.0}),
-        MethodConfig("dora", learning_rate=1e-3, kwargs=lora),
+        *adapter_methods(rank=rank, vera_rank=vera_rank, targets=TARGETS, delta_start=5),
     )
 
 
