@@ -27,6 +27,7 @@ has no compatibility promise, so the supported jax range is pinned in ``pyprojec
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -217,17 +218,9 @@ def _bind(eqn, invals: Sequence[Any]) -> list[Any]:
         subfuns, params = params
         invals = [*subfuns, *invals]
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
-    with manager if manager is not None else _nullcontext():
+    with manager if manager is not None else contextlib.nullcontext():
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _eval(ctx: _Ctx, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -590,23 +583,21 @@ def _scan(ctx, eqn, invals):
     nc, ncarry = p["num_consts"], p["num_carry"]
     consts = invals[:nc]
     init = _plain(ctx, invals[nc : nc + ncarry], "scan carry", eqn)
-    xs = []
-    for x in invals[nc + ncarry :]:
-        if isinstance(x, _Lazy) and x.roles[0] != STACK:
-            x = ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
-        # a lazy kernel travels as its children, sliced along the leading stack axis together
-        xs.append(
-            ("lazy", _lazy_flatten(x)[0], x.roles[1:], x.scale, x.path)
-            if isinstance(x, _Lazy)
-            else ("plain", x)
-        )
-    packed = [e[1] for e in xs]
+    xs = [
+        ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
+        if isinstance(x, _Lazy) and x.roles[0] != STACK
+        else x
+        for x in invals[nc + ncarry :]
+    ]
+    # a lazy kernel travels as its children, sliced along the leading stack axis together
+    packed = [_lazy_flatten(x)[0] if isinstance(x, _Lazy) else x for x in xs]
     closed = p["jaxpr"]
 
     def body(carry, sliced):
-        vals = []
-        for e, s in zip(xs, sliced):
-            vals.append(_Lazy(*s, roles=e[2], scale=e[3], path=e[4]) if e[0] == "lazy" else s)
+        vals = [
+            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path) if isinstance(x, _Lazy) else s
+            for x, s in zip(xs, sliced)
+        ]
         outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *vals])
         outs = _plain(ctx, outs, "scan output", eqn)
         return outs[:ncarry], outs[ncarry:]
