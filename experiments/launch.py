@@ -138,6 +138,12 @@ class _Log:
         self.jsonl.close()
         self.tb.close()
 
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _put_batch(batch: dict[str, Any], sharding) -> dict[str, Any]:
     """A host batch as global arrays split over the mesh's data/fsdp axes."""
@@ -161,6 +167,134 @@ def _head_params(adapters: Any) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(adapters.get("__full__", {})))
 
 
+@dataclasses.dataclass
+class _State:
+    """One method's training state, placed in its shards."""
+
+    spec: MethodSpec
+    tx: optax.GradientTransformation
+    params: Any
+    adapters: Any
+    opt_state: Any
+    shardings: dict[str, Any]
+    batches: data.Batches
+    step: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _State:
+    """Builds the method's adapters, optimizer and state, each directly in its shards."""
+    spec = method_spec(m, task)
+    params, adapters = spec.prepare(key, task.params)
+    if spec.update_params:
+        # the step donates and moves the base (Delta-LoRA): train on a copy, so the task's
+        # params stay intact for the methods that follow
+        params = jax.tree_util.tree_map(jnp.copy, params)
+    tx = spec.optimizer(
+        optax.adamw,
+        learning_rate=_schedule(config, m.learning_rate),
+        weight_decay=config.weight_decay,
+    )
+    # base params by the config's rules, each adapter array like its kernel, optimizer
+    # state like its parameter, batches over the data/fsdp axes
+    mesh = jl.make_mesh(config.mesh)
+    psh = sh.param_shardings(params, partition_rules(config.rules), mesh)
+    params = distributed.put(params, psh)
+    ash = sh.adapter_shardings(adapters, psh)
+    adapters = distributed.put(adapters, ash)
+    base = {"params": params, "param_shardings": psh} if spec.update_params else {}
+    opt_state = sh.init_opt_state(tx, adapters, ash, **base)
+    shardings = {
+        "params": psh,
+        "adapters": ash,
+        "opt_state": sh.opt_state_shardings(tx, adapters, ash, **base),
+        "batch": sh.batch_sharding(mesh),
+    }
+    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
+    return _State(spec, tx, params, adapters, opt_state, shardings, batches)
+
+
+def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
+    """Continues from the latest checkpoint: state, data position and the log so far."""
+    restored = ckpt.restore(
+        adapters=st.adapters,
+        opt_state=st.opt_state,
+        base=st.params if st.spec.update_params else None,
+        adapter_shardings=st.shardings["adapters"],
+        opt_state_shardings=st.shardings["opt_state"],
+    )
+    st.adapters, st.opt_state, st.step = restored.adapters, restored.opt_state, restored.step
+    if st.spec.update_params:
+        st.params = restored.base
+    st.batches.position = restored.data_position
+    records = [json.loads(x) for x in (method_dir / "metrics.jsonl").read_text().splitlines()]
+    st.history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= st.step)]
+
+
+def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet, row) -> list:
+    """The training loop from ``st.step`` to ``last``; returns each step's wall time."""
+    shd = st.shardings
+    step = jl.sharded_train_step(
+        task.loss_fn,
+        st.tx,
+        param_shardings=shd["params"],
+        adapter_shardings=shd["adapters"],
+        opt_state_shardings=shd["opt_state"],
+        batch_sharding=shd["batch"],
+        update_params=st.spec.update_params,
+    )
+    example = next(iter(data.sequential_batches(task.train, config.batch_size)))
+    example.pop("valid")
+    batch = _put_batch(example, shd["batch"])
+    # one compilation serves both XLA's figures and the run
+    compiled = step.lower(st.params, st.adapters, st.opt_state, batch).compile()
+    cost = cost_of(compiled)
+    row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
+    times = []
+    bar = tqdm(
+        range(st.step, last),
+        initial=st.step,
+        total=config.steps,
+        desc=f"{config.name}/{m.display}",
+        disable=quiet,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    for i in bar:
+        batch = _put_batch(next(st.batches), shd["batch"])
+        t0 = time.perf_counter()
+        out = compiled(st.params, st.adapters, st.opt_state, batch)
+        if st.spec.update_params:
+            st.params, st.adapters, st.opt_state, metrics = out
+        else:
+            st.adapters, st.opt_state, metrics = out
+        loss = float(metrics["loss"])  # blocks: the step is finished
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        st.step = i + 1
+        tok_s = config.batch_size * task.tokens_per_example / dt
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        record = {"step": st.step, "loss": loss, "time_s": dt, "tokens_per_s": tok_s}
+        if config.eval_every and st.step % config.eval_every == 0 and st.step < config.steps:
+            record["eval"] = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+        log.write(record)
+        st.history.append(record)
+        every = config.checkpoint_every
+        if (every and st.step % every == 0) or st.step == config.steps:
+            ckpt.save(
+                st.step,
+                adapters=st.adapters,
+                opt_state=st.opt_state,
+                rng=key,
+                data_position=st.batches.position,
+                base=st.params if st.spec.update_params else None,
+                metrics={"loss": loss},
+            )
+            ckpt.wait()  # the next step donates these buffers: the host copy must be done
+    bar.close()
+    return times
+
+
 def run_method(
     config: ExperimentConfig,
     m: MethodConfig,
@@ -177,144 +311,64 @@ def run_method(
     state, moved base, data position), bit-for-bit as if never stopped. ``stop_after``
     ends the run after that many steps in total, as an interruption would (for tests).
     """
-    spec = method_spec(m, task)
     key = jax.random.key(config.seed)
-    params, adapters = spec.prepare(key, task.params)
-    if spec.update_params:
-        # the step donates and moves the base (Delta-LoRA): train on a copy, so the task's
-        # params stay intact for the methods that follow
-        params = jax.tree_util.tree_map(jnp.copy, params)
-    tx = spec.optimizer(
-        optax.adamw,
-        learning_rate=_schedule(config, m.learning_rate),
-        weight_decay=config.weight_decay,
-    )
-    # Everything lives in its shards: base params by the config's rules, each adapter
-    # array like its kernel, optimizer state like its parameter, batches over data/fsdp.
-    mesh = jl.make_mesh(config.mesh)
-    psh = sh.param_shardings(params, partition_rules(config.rules), mesh)
-    params = distributed.put(params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    adapters = distributed.put(adapters, ash)
-    base = {"params": params, "param_shardings": psh} if spec.update_params else {}
-    opt_state = sh.init_opt_state(tx, adapters, ash, **base)
-    osh = sh.opt_state_shardings(tx, adapters, ash, **base)
-    bsh = sh.batch_sharding(mesh)
+    st = _prepare(config, m, task, key)
     eval_fn = jax.jit(jl.adapt(task.eval_fn))
     method_dir = out_dir / m.display
     method_dir.mkdir(parents=True, exist_ok=True)
-    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
     ckpt_dir = method_dir / "checkpoints"
-    ckpt = jl.CheckpointManager(ckpt_dir, max_to_keep=2, method=spec.adapters)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(
-            adapters=adapters,
-            opt_state=opt_state,
-            base=params if spec.update_params else None,
-            adapter_shardings=ash,
-            opt_state_shardings=osh,
-        )
-        adapters, opt_state, start = state.adapters, state.opt_state, state.step
-        params = state.base if spec.update_params else params
-        batches.position = state.data_position
-        records = [json.loads(x) for x in (method_dir / "metrics.jsonl").read_text().splitlines()]
-        history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= start)]
-    before = (
-        history[0]["eval"]
-        if history
-        else evaluate(task, eval_fn, params, adapters, config.batch_size)
-    )
-    log = _Log(method_dir)
-    for record in history or [{"step": 0, "eval": before}]:
-        log.write(record)
-
-    trainable = jl.num_trainable(adapters)
-    row: dict[str, Any] = {
-        "method": m.display,
-        "trainable_params": trainable if m.name != "untrained" else 0,
-        "method_params": trainable - _head_params(adapters) if m.name != "full" else trainable,
-        "before": before,
-    }
-    times: list[float] = []
-    losses = [r["loss"] for r in history if "loss" in r]
-    last = min(config.steps, stop_after or config.steps)
-    if m.name != "untrained":
-        step = jl.sharded_train_step(
-            task.loss_fn,
-            tx,
-            param_shardings=psh,
-            adapter_shardings=ash,
-            opt_state_shardings=osh,
-            batch_sharding=bsh,
-            update_params=spec.update_params,
-        )
-        example = next(iter(data.sequential_batches(task.train, config.batch_size)))
-        example.pop("valid")
-        compiled = step.lower(params, adapters, opt_state, _put_batch(example, bsh)).compile()
-        cost = cost_of(compiled)
-        row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
-        bar = tqdm(
-            range(start, last),
-            initial=start,
-            total=config.steps,
-            desc=f"{config.name}/{m.display}",
-            disable=quiet,
-            unit="step",
-            dynamic_ncols=True,
-        )
-        for i in bar:
-            batch = _put_batch(next(batches), bsh)
-            t0 = time.perf_counter()
-            if spec.update_params:
-                params, adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
-            else:
-                adapters, opt_state, metrics = compiled(params, adapters, opt_state, batch)
-            loss = float(metrics["loss"])  # blocks: the step is finished
-            dt = time.perf_counter() - t0
-            times.append(dt)
-            losses.append(loss)
-            tok_s = config.batch_size * task.tokens_per_example / dt
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-            record = {"step": i + 1, "loss": loss, "time_s": dt, "tokens_per_s": tok_s}
-            if config.eval_every and (i + 1) % config.eval_every == 0 and i + 1 < config.steps:
-                record["eval"] = evaluate(task, eval_fn, params, adapters, config.batch_size)
-            log.write(record)
-            every = config.checkpoint_every
-            if (every and (i + 1) % every == 0) or i + 1 == config.steps:
-                ckpt.save(
-                    i + 1,
-                    adapters=adapters,
-                    opt_state=opt_state,
-                    rng=key,
-                    data_position=batches.position,
-                    base=params if spec.update_params else None,
-                    metrics={"loss": loss},
+    with jl.CheckpointManager(ckpt_dir, max_to_keep=2, method=st.spec.adapters) as ckpt:
+        if resume and ckpt.latest_step() is not None:
+            _resume(st, ckpt, method_dir)
+        if st.history:
+            before = st.history[0]["eval"]
+        else:
+            before = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+            st.history.append({"step": 0, "eval": before})
+        trainable = jl.num_trainable(st.adapters)
+        row: dict[str, Any] = {
+            "method": m.display,
+            "trainable_params": trainable if m.name != "untrained" else 0,
+            "method_params": trainable - _head_params(st.adapters)
+            if m.name != "full"
+            else trainable,
+            "before": before,
+        }
+        last = min(config.steps, stop_after or config.steps)
+        times: list[float] = []
+        with _Log(method_dir) as log:
+            for record in st.history:
+                log.write(record)
+            if m.name != "untrained":
+                times = _train(
+                    config,
+                    m,
+                    task,
+                    st,
+                    key=key,
+                    last=last,
+                    log=log,
+                    ckpt=ckpt,
+                    eval_fn=eval_fn,
+                    quiet=quiet,
+                    row=row,
                 )
-                # the next step donates these buffers: the host copy must be complete
-                ckpt.wait()
-        bar.close()
-    ckpt.close()
-    after = (
-        before
-        if m.name == "untrained"
-        else evaluate(task, eval_fn, params, adapters, config.batch_size)
-    )
-    log.write({"step": last, "eval": after})
-    log.close()
+                after = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+            else:
+                after = before
+            log.write({"step": last, "eval": after})
     # the first step includes the transfer of freshly created buffers: leave it out
     steady = times[1:] or times
     row.update(
         after=after,
-        losses=losses,
+        losses=[r["loss"] for r in st.history if "loss" in r],
         median_step_s=statistics.median(steady) if steady else None,
-        trainable_bytes=_trainable_bytes(adapters),
+        trainable_bytes=_trainable_bytes(st.adapters),
         checkpoint_bytes=_latest_checkpoint_bytes(ckpt_dir),
     )
     if task.sample is not None and config.generate_prompts:
         row["samples_before"] = task.sample(task.params)
-        row["samples_after"] = task.sample(jl.merge(params, adapters))
+        row["samples_after"] = task.sample(jl.merge(st.params, st.adapters))
     return row
 
 
