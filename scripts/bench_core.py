@@ -55,6 +55,17 @@ QUICK_CONFIG = llama.LlamaConfig(
 )
 
 
+def full_finetune_step(loss, tx):
+    """The yardstick: the gradient of every parameter and ``tx`` applied to all of them."""
+
+    def step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
 @dataclasses.dataclass
 class Case:
     name: str
@@ -62,7 +73,9 @@ class Case:
     args: tuple[Any, ...]
 
 
-def _loss_fn(config):
+def llama_loss(config: llama.LlamaConfig):
+    """Next-token loss of the Llama model on ``batch["ids"]``, for plain parameters."""
+
     def loss(params, batch):
         logits = llama.apply(params, batch["ids"], config=config)
         return llama.causal_lm_loss(logits, batch["ids"])
@@ -80,13 +93,9 @@ def build_cases(
     params = llama.init_params(jax.random.key(0), config)
     ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size)
     data = {"ids": ids}
-    loss = _loss_fn(config)
+    loss = llama_loss(config)
     adam = optax.adam(1e-4)
-
-    def full_step(params, opt_state, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+    full_step = full_finetune_step(loss, adam)
 
     norm_path = ("layers", "input_norm") if config.scan_layers else ("layers", "0", "input_norm")
 

@@ -90,6 +90,20 @@ def measure(params) -> list[dict]:
     return rows
 
 
+def print_table(rows: list[dict]) -> None:
+    """Prints :func:`measure`'s rows as a markdown table."""
+    print(
+        "| method | trainable MB | checkpoint MB | metadata KB | checkpoint / trainable "
+        "| without metadata |\n|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['trainable_bytes'] / 1e6:.3f} "
+            f"| {r['checkpoint_bytes'] / 1e6:.3f} | {r['metadata_bytes'] / 1e3:.1f} "
+            f"| {r['ratio']:.3f} | {r['ratio_without_metadata']:.3f} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -99,16 +113,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(
-            f"{'method':30s} {'trainable MB':>12s} {'checkpoint MB':>13s} {'metadata KB':>11s} "
-            f"{'ratio':>7s} {'w/o meta':>8s}"
-        )
-        for r in rows:
-            print(
-                f"{r['method']:30s} {r['trainable_bytes'] / 1e6:12.3f} "
-                f"{r['checkpoint_bytes'] / 1e6:13.3f} {r['metadata_bytes'] / 1e3:11.1f} "
-                f"{r['ratio']:7.3f} {r['ratio_without_metadata']:8.3f}"
-            )
+        print_table(rows)
     # VeRA's bound is on its vectors plus metadata; everything else counts all bytes
     key = lambda r: "ratio_without_metadata" if r["method"] == "vera" else "ratio"
     failed = [r["method"] for r in rows if r["bound"] and r[key(r)] > r["bound"]]

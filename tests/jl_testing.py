@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +49,13 @@ def check_against_merged(fn, params, adapters, *args, atol=1e-5, rtol=1e-5, stri
     for o, e in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ge)):
         np.testing.assert_allclose(np.asarray(o), np.asarray(e), atol=atol, rtol=rtol)
     return jl.adapt_report(fn, params, adapters, *args)
+
+
+SCRIPTS = pathlib.Path(__file__).parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """Imports ``scripts/<name>.py`` as a module (scripts import each other by name)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)

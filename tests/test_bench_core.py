@@ -7,20 +7,13 @@ only ever reported by ``scripts/bench_core.py``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import pytest
+from jl_testing import load_script
 
 from jaxlora.models import llama
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_core", pathlib.Path(__file__).parents[1] / "scripts" / "bench_core.py"
-)
-bench_core = importlib.util.module_from_spec(_spec)
-sys.modules["bench_core"] = bench_core  # dataclasses resolve their module by name
-_spec.loader.exec_module(bench_core)
+bench_core = load_script("bench_core")
 
 # d=256 keeps rank 8 small relative to the kernels, as in real models, while compiling fast
 CONFIG = llama.LlamaConfig(

@@ -10,15 +10,13 @@ table (``scripts/compare_methods.py``) is asserted at the bottom.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jl_testing import load_script
 
 import jaxlora as jl
 from jaxlora.adapters import FROZEN
@@ -190,12 +188,7 @@ def test_unknown_method_and_hyper_parameter():
 
 # ----------------------------------------------------------------------------- method table
 
-_spec = importlib.util.spec_from_file_location(
-    "compare_methods", pathlib.Path(__file__).parents[1] / "scripts" / "compare_methods.py"
-)
-compare_methods = importlib.util.module_from_spec(_spec)
-sys.modules["compare_methods"] = compare_methods
-_spec.loader.exec_module(compare_methods)
+compare_methods = load_script("compare_methods")
 
 # d=256 keeps rank 8 small relative to the kernels (as in real models) and compiles fast
 CONFIG = llama.LlamaConfig(
