@@ -316,10 +316,14 @@ def _plan(eqn, invals) -> _Plan | None:
     return _Plan(k, x, xs, lf, ls, mid, out, lc_, a_first, kw)
 
 
+def _spec(plan: _Plan, *labels: str) -> tuple:
+    """Hashable (labels..., preferred type, precision) for the custom-VJP products."""
+    return (*labels, plan.kw["preferred_element_type"], plan.kw["precision"])
+
+
 def _first_product(plan: _Plan, factor) -> jax.Array:
-    spec = (plan.xs, plan.lf, plan.mid, plan.kw["preferred_element_type"], plan.kw["precision"])
     if plan.a_first:
-        return _x_times_a(spec, plan.x, factor)
+        return _x_times_a(_spec(plan, plan.xs, plan.lf, plan.mid), plan.x, factor)
     return jnp.einsum(f"{plan.xs},{plan.lf}->{plan.mid}", plan.x, factor, **plan.kw)
 
 
@@ -359,6 +363,38 @@ def _x_times_a_bwd(spec, res, g):
 _x_times_a.defvjp(_x_times_a_fwd, _x_times_a_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _h_times_b(spec, h, b):
+    """``h·B``, whose backward computes ``dB = hᵀ·g`` as a plain matmul.
+
+    Left to autodiff, XLA:CPU lays ``dB``'s operands out by transposing the wide output
+    gradient ``g`` (a ``(tokens, d_out)`` copy per target and step, the largest remaining
+    cost of all-linear LoRA on CPU, found by profiling). Putting the small ``h`` rank-first
+    instead, behind an optimisation barrier so XLA cannot fold the transpose back, makes
+    ``dB`` an ordinary GEMM and moves only an r-wide array.
+    """
+    mid, ls, out, _, _ = spec
+    return _einsum(spec, f"{mid},{ls}->{out}", h, b)
+
+
+def _h_times_b_fwd(spec, h, b):
+    return _h_times_b(spec, h, b), (h, b)
+
+
+def _h_times_b_bwd(spec, res, g):
+    h, b = res
+    mid, ls, out, _, _ = spec
+    dh = _einsum(spec, f"{out},{ls}->{mid}", g, b).astype(h.dtype)
+    rank = [lbl for lbl in mid if lbl in ls and lbl not in out]
+    rank_major = "".join(rank + [lbl for lbl in mid if lbl not in rank])
+    ht = lax.optimization_barrier(jnp.einsum(f"{mid}->{rank_major}", h))
+    db = _einsum(spec, f"{rank_major},{out}->{ls}", ht, g).astype(b.dtype)
+    return dh, db
+
+
+_h_times_b.defvjp(_h_times_b_fwd, _h_times_b_bwd)
+
+
 def _dot_general(ctx: _Ctx, eqn, invals):
     lhs, rhs = invals
     if isinstance(lhs, _Lazy) and isinstance(rhs, _Lazy):
@@ -375,7 +411,17 @@ def _dot_general(ctx: _Ctx, eqn, invals):
     if h is None:
         h = _first_product(plan, first)
     h = h * jnp.asarray(k.scale, h.dtype)
-    low = jnp.einsum(f"{plan.mid},{plan.ls}->{plan.out}", h, second, **plan.kw)
+    if plan.a_first:
+        spec = (
+            plan.mid,
+            plan.ls,
+            plan.out,
+            plan.kw["preferred_element_type"],
+            plan.kw["precision"],
+        )
+        low = _h_times_b(spec, h, second)
+    else:
+        low = jnp.einsum(f"{plan.mid},{plan.ls}->{plan.out}", h, second, **plan.kw)
     y = base + low.astype(base.dtype)
     if k.c is not None:
         y = (y * _broadcast(k.c, plan.lc, plan.out)).astype(base.dtype)
