@@ -116,16 +116,12 @@ def plot(result: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["rows"]:
+    # a legend, not text labels: the LoRA-family methods share one parameter count
+    markers = "osD^vP*Xh<>"
+    for i, r in enumerate(result["rows"]):
         n = max(r["trainable_params"], 1)
-        ax.scatter(n, r["after"][metric])
-        ax.annotate(
-            r["method"],
-            (n, r["after"][metric]),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+        ax.scatter(n, r["after"][metric], marker=markers[i % len(markers)], s=40, label=r["method"])
+    ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set(
         xlabel="trainable parameters (log)",
