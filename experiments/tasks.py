@@ -150,12 +150,17 @@ def causal_lm(config: ExperimentConfig) -> Task:
     def finish(s):
         return {"loss": s["nll"] / s["tokens"]}
 
+    # an answer ends at the end-of-turn token; without it greedy decoding runs on into
+    # invented further turns
+    end_of_turn = tokenizer.token_to_id("<|im_end|>")
+
     def sample(merged):
         out = []
         for prompt in config.generate_prompts:
             ids = tokenizer.encode(data.CHATML[0].format(prompt=prompt)).ids
-            gen = llama.generate(merged, model_config, ids, 24)
-            out.append(tokenizer.decode(gen[len(ids) :].tolist(), skip_special_tokens=True))
+            gen = llama.generate(merged, model_config, ids, 32, eos_id=end_of_turn)
+            text = tokenizer.decode(gen[len(ids) :].tolist(), skip_special_tokens=True)
+            out.append(text.strip())
         return out
 
     return Task(

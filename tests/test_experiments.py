@@ -113,3 +113,16 @@ def test_tiny_config_on_a_two_device_mesh_matches_one_device(tmp_path):
     )["rows"][0]
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
     assert two["after"]["accuracy"] == one["after"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (assets.available("smollm2") and assets.available("chatterbot")),
+    reason="needs the SmolLM2 and chatterbot assets: bash scripts/assets.sh",
+)
+def test_causal_lm_tiny_config_end_to_end(tmp_path):
+    config = config_lib.load("e2_causal_lm", "tiny")
+    (row,) = launch.run(config, tmp_path, quiet=True)["rows"]
+    assert len(row["losses"]) == 2 and row["after"]["loss"] > 0
+    assert len(row["samples_before"]) == len(row["samples_after"]) == 1
+    assert "<|im_end|>" not in row["samples_after"][0]

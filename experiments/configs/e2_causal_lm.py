@@ -47,4 +47,17 @@ def get_config(variant: str = "local") -> ExperimentConfig:
             warmup_steps=50,
             generate_prompts=PROMPTS,
         )
-    raise ValueError(f"e2_causal_lm: unknown variant {variant!r}; use local or full")
+    if variant == "tiny":  # the end-to-end test (marked slow: SmolLM2 compiles in ~30 s)
+        return ExperimentConfig(
+            name="e2_causal_lm_tiny",
+            task="causal_lm",
+            methods=(MethodConfig("lora", kwargs={"rank": 2, "targets": r".*attn/q_proj/kernel"}),),
+            steps=2,
+            batch_size=2,
+            max_length=32,
+            warmup_steps=1,
+            max_train_examples=8,
+            max_eval_examples=4,
+            generate_prompts=PROMPTS[:1],
+        )
+    raise ValueError(f"e2_causal_lm: unknown variant {variant!r}; use local, full or tiny")
