@@ -267,6 +267,14 @@ def _read_hf_config(directory: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def _open_safetensors(path: PathLike, config, config_cls, overrides: Mapping[str, Any]):
+    """The config (given, else from ``config.json``, with overrides) and a tensor reader."""
+    directory, files = _safetensors_files(path)
+    if config is None:
+        config = config_cls.from_hf_config(_read_hf_config(directory))
+    return dataclasses.replace(config, **overrides), _SafetensorsReader(files)
+
+
 def load_llama_safetensors(
     path: PathLike,
     *,
@@ -293,11 +301,7 @@ def load_llama_safetensors(
       ValueError: if tensors are missing, unexpected or mis-shaped (all named).
       FileNotFoundError: if the files are not there.
     """
-    directory, files = _safetensors_files(path)
-    if config is None:
-        config = LlamaConfig.from_hf_config(_read_hf_config(directory))
-    config = dataclasses.replace(config, **overrides)
-    reader = _SafetensorsReader(files)
+    config, reader = _open_safetensors(path, config, LlamaConfig, overrides)
     plan = _with_prefix(
         _llama_plan(config, "hf"), reader.shapes, "model.", lambda n: n.startswith("lm_head.")
     )
@@ -478,11 +482,7 @@ def load_bert_safetensors(
       ValueError: if tensors are missing, unexpected or mis-shaped (all named).
       FileNotFoundError: if the files are not there.
     """
-    directory, files = _safetensors_files(path)
-    if config is None:
-        config = BertConfig.from_hf_config(_read_hf_config(directory))
-    config = dataclasses.replace(config, **overrides)
-    reader = _SafetensorsReader(files)
+    config, reader = _open_safetensors(path, config, BertConfig, overrides)
     plan = _with_prefix(_bert_plan(config), reader.shapes, "bert.", lambda n: False)
     ignore = lambda n: (
         n.endswith("embeddings.position_ids")
