@@ -34,9 +34,10 @@ from experiments.config import ExperimentConfig, MethodConfig
 from experiments.tasks import ASSETS, RULE_PRESETS, TASKS, Task, partition_rules
 from jaxlora import assets, data, distributed
 from jaxlora import sharding as sh
-from jaxlora.checkpoint import checkpoint_bytes
+from jaxlora.checkpoint import array_bytes, checkpoint_bytes
 from jaxlora.methods import NAMES, MethodSpec
 from jaxlora.profiling import cost_of
+from jaxlora.train import split_trainable
 
 SPECIAL = ("full", "linear_probe", "untrained")
 """Baselines the launcher adds to the registry's method names."""
@@ -155,12 +156,6 @@ def _latest_checkpoint_bytes(directory: pathlib.Path) -> int | None:
     if not steps:
         return None
     return checkpoint_bytes(max(steps, key=lambda p: int(p.name)))
-
-
-def _trainable_bytes(adapters: Any) -> int:
-    leaves = jax.tree_util.tree_leaves(adapters)
-    lab = jax.tree_util.tree_leaves(jl.labels(adapters))
-    return sum(x.nbytes for x, lb in zip(leaves, lab, strict=True) if lb != "frozen")
 
 
 def _head_params(adapters: Any) -> int:
@@ -363,7 +358,7 @@ def run_method(
         after=after,
         losses=[r["loss"] for r in st.history if "loss" in r],
         median_step_s=statistics.median(steady) if steady else None,
-        trainable_bytes=_trainable_bytes(st.adapters),
+        trainable_bytes=array_bytes(split_trainable(st.adapters, st.adapters)[0]),
         checkpoint_bytes=_latest_checkpoint_bytes(ckpt_dir),
     )
     if task.sample is not None and config.generate_prompts:
