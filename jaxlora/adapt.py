@@ -207,9 +207,6 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
 
 def _bind(eqn, invals: Sequence[Any]) -> list[Any]:
     params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
-        subfuns, params = params
-        invals = [*subfuns, *invals]
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
     with manager if manager is not None else contextlib.nullcontext():
         out = eqn.primitive.bind(*invals, **params)
