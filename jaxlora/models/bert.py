@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.models._layers import attention, attention_mask_4d
+from jaxlora.models._layers import attention, attention_mask_4d, gelu
 
 _ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": functools.partial(nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
     "relu": nn.relu,
