@@ -2,6 +2,7 @@
 
     python -m benchmarks.harness minilm --rounds 3 --steps 20
     python -m benchmarks.harness decoder --cases full lora_all peft_lora_all --rounds 3
+    python -m benchmarks.harness decoder --quick     # CI: a smoke run, nothing written
 
 For each round the harness runs every case once, in order, each as
 ``python -m benchmarks.worker WORKLOAD CASE`` (so A B C A B C ...: drift in the machine's
@@ -136,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-other", type=float, default=MAX_OTHER_CORES)
     ap.add_argument("--allow-load", action="store_true", help="write results even if busy")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: one round of two steps of full, lora_all and peft_lora_all; "
+        "prints only",
+    )
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.no_write = 1, 2, 1, True
+        args.cases = args.cases or ["full", "lora_all", "peft_lora_all"]
     module = __import__(f"benchmarks.{args.workload}", fromlist=["CASES"])
     cases = args.cases or list(module.CASES)
     unknown = sorted(set(cases) - set(module.CASES))

@@ -95,3 +95,44 @@ def test_gelu_keeps_only_its_input_for_the_backward():
     _, vjp = jax.vjp(_layers.gelu, x)
     saved = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "size", 0) == 64]
     assert len(saved) == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_in_value_and_gradient(dtype):
+    import flax.linen as nn
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = (3.0 + 2.0 * jax.random.normal(keys[0], (2, 5, 16))).astype(dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (16,))
+    bias = 0.1 * jax.random.normal(keys[2], (16,))
+    w = jax.random.normal(keys[3], x.shape)
+    ref_ln = nn.LayerNorm(epsilon=1e-12, dtype=dtype, use_fast_variance=False)
+
+    def ref(x, scale, bias):
+        return ref_ln.apply({"params": {"scale": scale, "bias": bias}}, x)
+
+    def loss(f):
+        return lambda x, s, b: jnp.sum(jnp.tanh(f(x, s, b).astype(jnp.float32)) * w)
+
+    ours = lambda x, s, b: _layers.layer_norm(x, s, b, 1e-12)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(ours)(x, scale, bias), np.float32),
+        np.asarray(ref(x, scale, bias), np.float32),
+        atol=tol,
+        rtol=tol,
+    )
+    grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, scale, bias)
+    refs = jax.grad(loss(ref), argnums=(0, 1, 2))(x, scale, bias)
+    for g, r in zip(grads, refs):
+        assert g.dtype == r.dtype
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(r, np.float32), atol=tol * 10, rtol=tol * 10
+        )
+
+
+def test_layer_norm_keeps_only_its_input_and_statistics_for_the_backward():
+    x = jax.random.normal(jax.random.key(0), (8, 32))
+    _, vjp = jax.vjp(lambda x: _layers.layer_norm(x, jnp.ones(32), jnp.zeros(32), 1e-6), x)
+    saved = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "size", 0) == 256]
+    assert len(saved) == 1
