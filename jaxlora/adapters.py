@@ -19,24 +19,31 @@ DoRA-style methods). :meth:`Adapter.factors` returns that form.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import functools
 import string
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora.targets import KernelLayout, path_str
+from jaxlora.keypaths import path_str
+from jaxlora.targets import KernelLayout
 
 __all__ = [
     "SHARED_KEY",
     "Adapter",
     "Factors",
+    "SharedState",
     "adapter_nodes",
     "labels",
+    "map_parts",
     "merge",
     "num_trainable",
     "register_adapter",
+    "register_shared",
     "unmerge",
 ]
 
@@ -64,38 +71,38 @@ class Factors(NamedTuple):
     col_scale: jax.Array | None = None
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """Base class of per-kernel adapter nodes.
 
     Subclasses are frozen dataclasses registered with :func:`register_adapter`: fields named
     in ``ARRAYS`` are pytree children, every other field (``layout`` first) is static.
-    ``LABELS`` maps each array field to its optimizer label.
+    ``LABELS`` maps each array field to its optimizer label, ``AXES`` to the kernel-layout
+    groups of its axes (``"stack"``, ``"in"``, ``"out"``, ``"rank"``; e.g.
+    ``{"a": ("stack", "in", "rank")}``), by which :mod:`jaxlora.sharding` shards each axis
+    like the kernel axis it stands for (``rank``: replicated).
+
+    Every node answers one question, :meth:`factors`: its update in the canonical form,
+    given the base kernel (most methods ignore its values; DoRA's column scale reads them).
     """
 
     ARRAYS: ClassVar[tuple[str, ...]] = ()
     LABELS: ClassVar[dict[str, str]] = {}
-    # Per array field, the kernel-layout groups of its axes ("stack", "in", "out", "rank"),
-    # e.g. {"a": ("stack", "in", "rank")}: jaxlora.sharding shards each axis like the
-    # kernel axis it stands for (rank: replicated). Optional; inferred from shapes if absent.
     AXES: ClassVar[dict[str, tuple[str, ...]]] = {}
     layout: KernelLayout
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
-        """The canonical ``(A, B, scale, col_scale)`` of this adapter."""
-        raise TypeError(f"{type(self).__name__} must define factors()")
+    @abc.abstractmethod
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        """The canonical ``(A, B, scale, col_scale)`` of this adapter on base kernel ``w``.
 
-    def kernel_factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
-        """The canonical factors for base kernel ``w``.
-
-        Only methods whose update depends on the base kernel's values (DoRA's column scale
-        is ``m / ||W + ΔW||``) override this; for the others it is :meth:`factors`.
+        Args:
+          w: The base kernel (or, where a method ignores its values, anything of its
+            shape and dtype).
+          shared: The adapters tree's shared state (:func:`shared_state`).
         """
-        del w
-        return self.factors(shared)
 
-    def delta(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array:
+    def delta(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
         """``scale * A@B`` laid out like the kernel (``col_scale`` not applied)."""
-        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
+        f = self.factors(w, shared)
         lay = self.layout
         ns, ni, no = len(lay.stack_axes), len(lay.in_axes), len(lay.out_axes)
         letters = iter(string.ascii_letters)
@@ -109,10 +116,9 @@ class Adapter:
             inverse[ax] = pos
         return f.scale * jnp.transpose(d, inverse)
 
-    def col_scale(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array | None:
+    def col_scale(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array | None:
         """``col_scale`` broadcast to the kernel's axes, or ``None``."""
-        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
-        c = f.col_scale
+        c = self.factors(w, shared).col_scale
         if c is None:
             return None
         lay = self.layout
@@ -124,18 +130,51 @@ class Adapter:
         return jnp.transpose(c, perm).reshape(shape)
 
     def merge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        out = w + self.delta(shared, w).astype(w.dtype)
-        c = self.col_scale(shared, w)
+        out = w + self.delta(w, shared).astype(w.dtype)
+        c = self.col_scale(w, shared)
         return out if c is None else (out * c).astype(w.dtype)
 
     def unmerge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        if self.kernel_factors(w, shared).col_scale is not None:
+        if self.factors(w, shared).col_scale is not None:
             raise ValueError(
                 f"{type(self).__name__} at {self.layout.path!r} rescales columns with a "
                 "magnitude that depends on the unmerged kernel; it cannot be unmerged from "
                 "the merged weights alone"
             )
-        return w - self.delta(shared).astype(w.dtype)
+        return w - self.delta(w, shared).astype(w.dtype)
+
+
+class SharedState:
+    """Base class of state shared by every layer, stored under ``adapters["__shared__"][name]``.
+
+    Subclasses are frozen dataclasses registered with :func:`register_shared`: fields named
+    in ``ARRAYS`` are pytree children, the others static. The hooks let generic code
+    (checkpoints) store the state compactly without knowing the method: :meth:`compact`
+    drops what :meth:`expand` can regenerate, and :meth:`reproducible` says whether that
+    round trip is exact for these values. By default nothing is dropped.
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    def compact(self) -> SharedState:
+        """The state without what :meth:`expand` regenerates; works on any leaf type
+        (arrays, shapes, shardings), since it only rearranges fields."""
+        return self
+
+    def expand(self) -> SharedState:
+        """Regenerates what :meth:`compact` dropped (a compact state has concrete leaves)."""
+        return self
+
+    def reproducible(self) -> bool:
+        """Whether ``self.compact().expand()`` equals ``self`` bit for bit."""
+        return False
+
+
+def register_shared(cls: type) -> type:
+    """Makes a :class:`SharedState` subclass a frozen dataclass and a pytree node."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(cls.ARRAYS), meta_fields=meta)
 
 
 def register_adapter(cls: type) -> type:
@@ -153,14 +192,37 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, Adapter)
 
 
+def _body(adapters: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in adapters.items() if k not in _RESERVED}
+
+
+def map_parts(
+    adapters: dict[str, Any],
+    nodes: Callable[[dict[str, Any]], dict[str, Any]],
+    shared: Callable[[dict[str, Any]], Any],
+    full: Callable[[dict[str, Any]], Any],
+) -> dict[str, Any]:
+    """Maps each part of an adapters tree with its own function, keeping which parts exist.
+
+    The parts: the per-kernel nodes (everything but the reserved keys), the shared state
+    under :data:`SHARED_KEY` and the fully trained copies under :data:`FULL_KEY`. This is
+    the one place that splits a tree by its reserved keys.
+    """
+    out = nodes(_body(adapters))
+    if SHARED_KEY in adapters:
+        out[SHARED_KEY] = shared(adapters[SHARED_KEY])
+    if FULL_KEY in adapters:
+        out[FULL_KEY] = full(adapters[FULL_KEY])
+    return out
+
+
 def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
     """All adapter nodes of an adapters tree, keyed by the path of the kernel they adapt."""
     if not isinstance(adapters, dict):
         raise TypeError(
             f"adapters must be the dict returned by a method's init(), got {type(adapters)}"
         )
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    leaves = jax.tree_util.tree_leaves(body, is_leaf=_is_node)
+    leaves = jax.tree_util.tree_leaves(_body(adapters), is_leaf=_is_node)
     nodes = {}
     for leaf in leaves:
         if not isinstance(leaf, Adapter):
@@ -192,16 +254,11 @@ def shared_state(adapters: dict[str, Any]) -> dict[str, Any]:
     return adapters.get(SHARED_KEY, {})
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Turns ``{"a/b/c": x}`` into ``{"a": {"b": {"c": x}}}``, the layout of adapter trees."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        *head, last = path.split("/")
-        d = out
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = value
-    return out
+def replace_shared(adapters: dict[str, Any], entries: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``adapters`` with the shared entries in ``entries`` replaced."""
+    if not entries:
+        return adapters
+    return {**adapters, SHARED_KEY: {**shared_state(adapters), **entries}}
 
 
 def check_kernel(node: Adapter, w: Any) -> None:
@@ -327,15 +384,12 @@ def labels(adapters: Any) -> Any:
             return dataclasses.replace(x, **{f: x.LABELS[f] for f in x.ARRAYS})
         return FROZEN
 
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    out = jax.tree_util.tree_map(label_node, body, is_leaf=_is_node)
-    if FULL_KEY in adapters:
-        out[FULL_KEY] = jax.tree_util.tree_map(lambda x: FULL, adapters[FULL_KEY])
-    if SHARED_KEY in adapters:
-        # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
-        # otherwise
-        out[SHARED_KEY] = jax.tree_util.tree_map(label_node, adapters[SHARED_KEY], is_leaf=_is_node)
-    return out
+    # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
+    # otherwise
+    by_node = functools.partial(jax.tree_util.tree_map, label_node, is_leaf=_is_node)
+    return map_parts(
+        adapters, by_node, by_node, functools.partial(jax.tree_util.tree_map, lambda x: FULL)
+    )
 
 
 def num_trainable(adapters: Any) -> int:
@@ -358,11 +412,34 @@ class Method(NamedTuple):
 
     ``init(key, params)`` reads only shapes and dtypes of ``params`` (it works under
     ``jax.eval_shape`` and ``jax.jit(..., out_shardings=...)``) and returns the adapters
-    tree.
+    tree. Use :meth:`prepare` to start training: it also returns the base to train with.
     """
 
     name: str
+    """The method's name (recorded in checkpoints)."""
     init: Any
+    """``init(key, params) -> adapters``."""
+    replaces_base: bool = False
+    """Whether the adapters take over part of the base, so that training must start from
+    the residual ``unmerge(params, adapters)`` (PiSSA)."""
+
+    def prepare(self, key: jax.Array, params: Any) -> tuple[Any, dict[str, Any]]:
+        """``(base, adapters)`` to train with; ``merge(base, adapters)`` equals ``params``.
+
+        For most methods ``base`` is ``params``; for one that moves part of each kernel into
+        its adapter (PiSSA) it is the residual. ``init`` alone does not give it.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxlora as jl
+          >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+          >>> method = jl.lora(rank=2, targets=".*kernel", init="pissa")
+          >>> base, adapters = method.prepare(jax.random.key(1), params)
+          >>> back = jl.merge(base, adapters)["dense"]["kernel"]
+          >>> bool(jnp.allclose(back, params["dense"]["kernel"], atol=1e-5))
+          True
+        """
+        adapters = self.init(key, params)
+        return (unmerge(params, adapters) if self.replaces_base else params), adapters
 
 
 def compose(*methods: Method) -> Method:
@@ -403,7 +480,8 @@ def compose(*methods: Method) -> Method:
             _deep_update(out, tree)
         return out
 
-    return Method("+".join(m.name for m in methods), init)
+    replaces = any(m.replaces_base for m in methods)
+    return Method("+".join(m.name for m in methods), init, replaces)
 
 
 def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:

@@ -7,8 +7,9 @@ at zero, so training starts exactly at the base model. The scale is ``alpha/r``
 
 PiSSA (``init="pissa"``) starts A, B from the top-``r`` singular triplets of W instead, so
 the adapter holds W's principal part and training moves it; the base must then hold the
-residual ``W - s·A@B`` (see :func:`pissa`), which is why that init reads W's values and
-returns a method named ``"pissa"``.
+residual ``W - s·A@B``, which is why that init reads W's values and returns a method named
+``"pissa"`` whose :meth:`~jaxlora.Method.prepare` returns that residual with the adapters
+(the one entry point: ``base, adapters = jl.lora(..., init="pissa").prepare(key, params)``).
 
 References:
   Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models,
@@ -22,24 +23,29 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter, unmerge
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
+from jaxlora import recipes
+from jaxlora.adapters import Adapter, Factors, Method, register_adapter
+from jaxlora.interop import peft
+from jaxlora.keypaths import flatten, nest
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
 
 __all__ = [
+    "PEFT_FORMAT",
     "LoraAdapter",
+    "LoraPeftFormat",
     "canonical_kernel",
     "check_rank",
     "init_lora",
     "kaiming_a",
-    "leaves_by_path",
     "lora",
-    "pissa",
+    "lora_scale",
 ]
 
 
@@ -60,9 +66,17 @@ class LoraAdapter(Adapter):
     a: Any
     b: Any
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
-        del shared
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        del w, shared
         return Factors(self.a, self.b, self.scale)
+
+
+def lora_scale(*, rank: int, alpha: float, rslora: bool) -> float:
+    """The prelude of every LoRA-family factory: checks ``rank``, returns the scale
+    ``alpha/r`` (``alpha/√r`` for rsLoRA)."""
+    if not isinstance(rank, int) or rank < 1:
+        raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def check_rank(layout: KernelLayout, rank: int) -> None:
@@ -123,7 +137,8 @@ def lora(
       init: ``"kaiming"`` (the reference init: A kaiming-uniform, B = 0; ``init`` reads only
         shapes) or ``"pissa"`` (A, B from the top-``rank`` SVD of each kernel; ``init`` reads
         the kernels' values, and the base must be replaced by the residual: use
-        :func:`pissa`). The PiSSA method is named ``"pissa"``.
+        ``method.prepare(key, params)``, which returns it). The PiSSA method is named
+        ``"pissa"``.
       dtype: dtype of the adapter arrays (float32 by default, whatever the base dtype: the
         adapted product casts them to the compute dtype where they are used).
 
@@ -150,13 +165,11 @@ def lora(
       Kalajdzievski, 2023, https://arxiv.org/abs/2312.03732 (rsLoRA);
       Meng et al., 2024, https://arxiv.org/abs/2404.02948 (PiSSA).
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
     if init == "pissa" and not alpha > 0:
         raise ValueError(f"lora(init='pissa') needs alpha > 0, got alpha={alpha!r}")
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
     if init == "kaiming":
         return Method(
@@ -167,7 +180,7 @@ def lora(
     def init_pissa(key: jax.Array, params: Any) -> dict[str, Any]:
         del key  # the SVD is exact and deterministic
         layouts = select(params, targets)
-        kernels = leaves_by_path(params)
+        kernels = flatten(params)
         nodes = {}
         for path, layout in layouts.items():
             check_rank(layout, rank)
@@ -175,7 +188,7 @@ def lora(
             nodes[path] = LoraAdapter(layout=layout, rank=rank, scale=float(scale), a=a, b=b)
         return nest(nodes)
 
-    return Method("pissa", init_pissa)
+    return Method("pissa", init_pissa, replaces_base=True)
 
 
 def init_lora(
@@ -199,7 +212,7 @@ def init_lora(
     for layout in layouts.values():
         check_rank(layout, rank)
     keys = jax.random.split(key, len(layouts))
-    kernels = leaves_by_path(params) if extra else {}
+    kernels = flatten(params) if extra else {}
     nodes = {}
     for k, (path, layout) in zip(keys, layouts.items()):
         nodes[path] = cls(
@@ -213,48 +226,127 @@ def init_lora(
     return nest(nodes)
 
 
-def leaves_by_path(params: Any) -> dict[str, Any]:
-    """The leaves of ``params`` keyed by their ``"/"``-joined key path."""
-    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+# ----------------------------------------------------------------------------- PEFT format
 
 
-def pissa(key: jax.Array, params: Any, method: Method) -> tuple[Any, dict[str, Any]]:
-    """Initialises PiSSA adapters and the residual base they belong with.
+class LoraPeftFormat:
+    """PEFT's ``LORA`` type for the LoRA family: LoRA, rsLoRA, LoRA-FA and (``use_dora``) DoRA.
 
-    PiSSA moves each kernel's principal part into the adapter: ``s·A@B`` is the top-``r``
-    SVD part of ``W``, and the base becomes the residual ``W - s·A@B``, so the adapted
-    model starts exactly at the original one: ``merge(residual, adapters) == params``.
-
-    Args:
-      key: A PRNG key (unused by the exact SVD; kept so every init has one signature).
-      params: The original base parameters (values are read, not only shapes).
-      method: A method from ``jl.lora(..., init="pissa")``.
-
-    Returns:
-      ``(residual_params, adapters)``; train with ``residual_params`` as the frozen base.
-
-    Raises:
-      ValueError: If ``method`` is not a PiSSA-initialised LoRA.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jaxlora as jl
-      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
-      >>> method = jl.lora(rank=2, targets=".*kernel", init="pissa")
-      >>> residual, adapters = jl.pissa(jax.random.key(1), params, method)
-      >>> w, back = params["dense"]["kernel"], jl.merge(residual, adapters)["dense"]["kernel"]
-      >>> bool(jnp.allclose(back, w, atol=1e-5))
-      True
-      >>> sv = jnp.linalg.svd(residual["dense"]["kernel"], compute_uv=False)
-      >>> bool(sv[2] < 1e-5)  # the residual lost exactly the top-2 directions
-      True
-
-    References:
-      Meng et al., 2024, https://arxiv.org/abs/2404.02948.
+    ``A`` is written as ``lora_A.weight`` ``(r, in)`` = ``Aᵀ``, ``B`` as ``lora_B.weight``
+    ``(out, r)`` = ``Bᵀ``, a DoRA magnitude ``m`` as ``lora_magnitude_vector`` ``(out,)``.
+    PEFT's scaling is ``lora_alpha / r`` (``/ √r`` with ``use_rslora``); nodes store the
+    scale itself, so export writes ``lora_alpha = scale·r`` (or ``scale·√r``), with
+    ``rank_pattern``/``alpha_pattern`` entries for kernels whose rank or scale differs from
+    the most common one. DoRA registers its node class as the ``use_dora`` variant
+    (:meth:`add_variant`).
     """
-    if method.name != "pissa":
-        raise ValueError(
-            f"pissa() needs a method built with jl.lora(..., init='pissa'), got method "
-            f"{method.name!r}"
-        )
-    adapters = method.init(key, params)
-    return unmerge(params, adapters), adapters
+
+    peft_type = "LORA"
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    global_keys = ()
+
+    def __init__(self):
+        self.classes: dict[bool, type] = {False: LoraAdapter}
+        """``use_dora`` -> the node class imported for it."""
+
+    def add_variant(self, cls: type, *, use_dora: bool) -> type:
+        """Registers ``cls`` (with LoRA's fields, plus ``m`` for DoRA) for ``use_dora``."""
+        self.classes[use_dora] = cls
+        return cls
+
+    def _dora(self, node: Adapter) -> bool:
+        return True in self.classes and isinstance(node, self.classes[True])
+
+    def claims(self, node: Adapter) -> bool:
+        return isinstance(node, tuple(self.classes.values()))
+
+    def export(self, adapters, nodes, module_names, *, use_rslora: bool = False, **_):
+        dora = {self._dora(n) for n in nodes.values()}
+        if len(dora) != 1:
+            raise ValueError("export_peft: PEFT cannot mix DoRA and plain LoRA in one adapter")
+        dora = dora.pop()
+        tensors: dict[str, Any] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for path, node in sorted(nodes.items()):
+            lay = node.layout
+            ns = len(lay.stack_axes)
+            names = peft.module_names_of(module_names, path, lay.num_stacked)
+            a = peft.per_layer(node.a, ns, (lay.d_in, node.rank))
+            b = peft.per_layer(node.b, ns, (node.rank, lay.d_out))
+            m = peft.per_layer(node.m, ns, (lay.d_out,)) if dora else [None] * len(names)
+            alpha = float(node.scale) * (math.sqrt(node.rank) if use_rslora else node.rank)
+            for name, ai, bi, mi in zip(names, a, b, m, strict=True):
+                tensors[f"{peft.PREFIX}{name}.lora_A.weight"] = ai.T
+                tensors[f"{peft.PREFIX}{name}.lora_B.weight"] = bi.T
+                if mi is not None:
+                    tensors[f"{peft.PREFIX}{name}.lora_magnitude_vector"] = mi
+                ranks[name], alphas[name] = node.rank, alpha
+        r, alpha = peft.majority(list(ranks.values())), peft.majority(list(alphas.values()))
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": use_rslora,
+            "use_dora": dora,
+            "target_modules": sorted(ranks),
+            # exact module names, escaped: PEFT matches these keys as regexes on name suffixes
+            "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha},
+            "lora_dropout": 0.0,
+            "lora_bias": False,
+            "init_lora_weights": True,
+        }
+        return tensors, config
+
+    def build(self, config, kernels, dtype):
+        dora = bool(config.get("use_dora", False))
+        if dora not in self.classes:
+            raise ValueError("import_peft: use_dora needs jaxlora's DoRA (jaxlora.dora)")
+        cls = self.classes[dora]
+        rslora = bool(config.get("use_rslora", False))
+        nodes = {}
+        for path in kernels.paths:
+            lay = kernels.layouts[path]
+            module = kernels.first_module(path)
+            r = int(peft.pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+            alpha = float(
+                peft.pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            )
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            a = kernels.stacked(path, "lora_A.weight", (lay.d_in, r), True, dtype)
+            b = kernels.stacked(path, "lora_B.weight", (r, lay.d_out), True, dtype)
+            extra = {}
+            if dora:
+                m = kernels.stacked(path, "lora_magnitude_vector", (lay.d_out,), False, dtype)
+                extra["m"] = m.reshape(*lay.stack_shape, *lay.out_shape)
+            nodes[path] = cls(
+                layout=lay,
+                rank=r,
+                scale=scale,
+                a=a.reshape(*lay.stack_shape, *lay.in_shape, r),
+                b=b.reshape(*lay.stack_shape, r, *lay.out_shape),
+                **extra,
+            )
+        return nest(nodes)
+
+
+PEFT_FORMAT = peft.register_format(LoraPeftFormat())
+"""The registered ``LORA`` format (DoRA adds its variant to it)."""
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@recipes.register("lora")
+def _lora_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("lora", lora(**kw))
+
+
+@recipes.register("rslora")
+def _rslora_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("rslora", lora(rslora=True, **kw))
+
+
+@recipes.register("pissa")
+def _pissa_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("pissa", lora(init="pissa", **kw))
