@@ -137,13 +137,13 @@ def jax_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
             dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR, lam=0.5, start_step=2),
         ),
     }[case]
-    spec = jl.method(name, **kw)
+    spec = jl.recipe(name, **kw)
     # the head trains in full beside the adapters, as in the E1 experiment
-    spec = dataclasses.replace(spec, adapters=jl.compose(spec.adapters, jl.full(targets="head/.*")))
+    spec = dataclasses.replace(spec, method=jl.compose(spec.method, jl.full(targets="head/.*")))
     params, adapters = spec.prepare(jax.random.key(1), params)
     tx = spec.optimizer(optax.adamw, learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    opt_state = spec.init_optimizer(tx, params, adapters)
-    step = spec.train_step(loss_fn, tx)
+    opt_state = tx.init(adapters)
+    step = jl.train_step(loss_fn, tx)
     state = [params, adapters, opt_state]
     info["trainable"] = jl.num_trainable(adapters)
 
