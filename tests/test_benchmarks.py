@@ -32,24 +32,38 @@ def _run(case, median, other):
     }
 
 
-def test_a_round_with_a_busy_machine_invalidates_the_case():
-    quiet = harness.summarize([_run("a", 0.2, 0.01), _run("a", 0.4, 0.05)], 0.2)
-    busy = harness.summarize([_run("a", 0.2, 0.01), _run("a", 0.4, 0.5)], 0.2)
-    assert quiet["valid"] and not busy["valid"]
-    assert abs(quiet["median_s"] - 0.3) < 1e-12
-    assert (quiet["min_s"], quiet["max_s"]) == (0.2, 0.4)
-    assert quiet["tokens_per_s"] == 100 / quiet["median_s"]
+def test_rounds_timed_on_a_busy_machine_are_discarded():
+    mixed = harness.summarize([_run("a", 0.2, 0.01), _run("a", 0.4, 0.5), _run("a", 0.3, 0.0)], 0.2)
+    assert mixed["valid"] and mixed["rounds"] == 2 and mixed["discarded"] == 1
+    assert abs(mixed["median_s"] - 0.25) < 1e-12
+    assert (mixed["min_s"], mixed["max_s"]) == (0.2, 0.3)
+    assert mixed["tokens_per_s"] == 100 / mixed["median_s"]
+    busy = harness.summarize([_run("a", 0.2, 0.3), _run("a", 0.4, 0.5)], 0.2)
+    assert not busy["valid"] and "median_s" not in busy
+    assert harness.summarize([_run("a", 0.2, 0.3)], float("inf"))["valid"]  # --allow-load
 
 
-def test_ratios_are_peer_time_over_ours():
-    rows = {
-        "lora_all": harness.summarize([_run("lora_all", 0.5, 0.0)], 0.2),
-        "peft_lora_all": harness.summarize([_run("peft_lora_all", 1.0, 0.0)], 0.2),
-        "full": harness.summarize([_run("full", 0.8, 0.0)], 0.2),
+def test_ratios_are_taken_round_by_round_over_valid_rounds():
+    runs = {
+        "lora_all": [
+            _run("lora_all", 0.5, 0.0),
+            _run("lora_all", 0.25, 0.0),
+            _run("lora_all", 1, 0),
+        ],
+        "peft_lora_all": [
+            _run("peft_lora_all", 1.0, 0.0),
+            _run("peft_lora_all", 1.0, 0.0),
+            _run("peft_lora_all", 9.0, 0.9),  # busy: this round is left out of the ratio
+        ],
+        "full": [_run("full", 0.8, 0.0), _run("full", 0.5, 0.0), _run("full", 1.0, 0.0)],
     }
-    ratios = {(a, b): v for a, b, v in harness._ratio_rows(rows)}
-    assert ratios[("lora_all", "peft_lora_all")] == 2.0
-    assert ratios[("lora_all", "full (time ratio)")] == 0.625
+    got = {(q["case"], q["over"]): q for q in harness.ratios(runs, 0.2)}
+    peer = got[("lora_all", "peft_lora_all")]
+    assert (peer["rounds"], peer["min"], peer["max"]) == (2, 2.0, 4.0)
+    assert peer["median"] == 3.0 and peer["kind"] == "tokens/s"
+    own = got[("lora_all", "full")]
+    assert own["rounds"] == 3 and own["kind"] == "step time"
+    assert own["median"] == 0.625 and (own["min"], own["max"]) == (0.5, 1.0)
 
 
 def test_quick_run_end_to_end():
