@@ -11,9 +11,11 @@ batch (4 x 128) and the same weights for every contestant:
   ``torch.set_num_threads`` = the cores XLA uses, AdamW), attention and all-linear;
 * Qwix LoRA on a Flax NNX model of the same architecture (``scripts/_bench_peers.py``).
 
-Step times are measured in one process with the cases interleaved round by round (the
-machine is shared, so load drifts; interleaving spreads it over every case), after
-compilation and warm-up, and reported as median (min, max) and as ratios. Flops and
+Step times are measured in one process with the cases interleaved round by round, after
+compilation and warm-up, and reported as median (min, max) and as ratios. That is fine
+between XLA programs, but not between frameworks: torch's and XLA's thread pools contend
+in one process, and under load torch's collapse. Cross-framework speed comparisons come
+from ``python -m benchmarks.harness`` (each case in its own process, quiet-machine check). Flops and
 temp/argument memory come from XLA's compiled program. Peak RSS is measured per case in a
 fresh subprocess: its RSS before building anything is the baseline, the peak is reset after
 compile and warm-up (``/proc/self/clear_refs``), and the figure reported is the peak over
@@ -21,7 +23,7 @@ a few steps minus the baseline, so compilation and the other cases do not count.
 
 Usage::
 
-    python scripts/bench.py                # the 16.8M model; writes benchmarks/results.{md,json}
+    python scripts/bench.py                # 16.8M model; writes benchmarks/results/inprocess.*
     python scripts/bench.py --quick        # a small model and few steps (CI), prints only
     python scripts/bench.py --gpu          # ~1.1B-param Llama in bfloat16 with MFU (GPU host)
     python scripts/bench.py --preset tiny --dtype bfloat16   # the GPU path, tiny, on CPU
@@ -442,7 +444,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Load average (1 min) at start {m['load_start']:.2f}, during timing median "
         f"{m['load_median']:.2f} (max {m['load_max']:.2f}), at end {m['load_end']:.2f}. "
         f"{result['steps']} timed steps per case after {result['warmup']} warm-up, "
-        "interleaved round-robin in one process.",
+        "interleaved round-robin in one process. XLA's flops and memory are exact; the "
+        "step times of torch and XLA sharing one process are not a fair comparison of the "
+        "two (their thread pools contend): `python -m benchmarks.harness` is.",
         "",
         "| case | trainable | flops / full | XLA temp + arg MiB | step RSS MiB | RSS / full "
         "| median ms (min–max) | time / full | tokens/s"
@@ -503,7 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-rss", action="store_true", help="skip the per-case RSS subprocesses")
     ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak, for MFU")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (default: "
-                    "benchmarks/results for full runs, nothing for --quick)")  # fmt: skip
+                    "benchmarks/results/inprocess for full runs, nothing for --quick)")  # fmt: skip
     ap.add_argument("--rss-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.preset = args.preset or ("1b" if args.gpu else "quick" if args.quick else "16m")
@@ -597,7 +601,7 @@ def main(argv=None) -> dict[str, Any] | None:
     result = run(args)
     text = markdown(result)
     print(text)
-    out = args.out or (None if args.quick else "benchmarks/results")
+    out = args.out or (None if args.quick else "benchmarks/results/inprocess")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out + ".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlora.models._layers import attention, attention_mask_4d
+from jaxlora.models._layers import attention, attention_mask_4d, gelu, layer_norm
 
 _ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": functools.partial(nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
     "relu": nn.relu,
@@ -148,15 +148,24 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
     )
 
 
-def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-    # The two-pass variance: with eps=1e-12 the fast E[x^2]-E[x]^2 form costs parity.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+class _LayerNorm(nn.Module):
+    """LayerNorm with ``scale``/``bias`` parameters, as ``nn.LayerNorm``, computed by
+    :func:`jaxlora.models._layers.layer_norm` (two-pass variance: with eps=1e-12 the fast
+    E[x^2]-E[x]^2 form costs parity; a backward that keeps only the input)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), c.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), c.param_dtype)
+        return layer_norm(x.astype(c.dtype), scale, bias, c.layer_norm_eps)
+
+
+def _layer_norm(config: BertConfig, name: str) -> _LayerNorm:
+    return _LayerNorm(config, name=name)
 
 
 class _Embeddings(nn.Module):
