@@ -15,7 +15,9 @@ shapes/dtypes) and re-evaluates it with each targeted kernel replaced by a lazy 
   applied to ``W`` and carried into the factors, so the kernel stays lazy;
 * nested ``jit`` is inlined, ``scan`` is rebuilt with :func:`jax.lax.scan` (a stacked lazy
   kernel is passed as ``xs``, so its factors are sliced with it), remat is rebuilt with
-  :func:`jax.checkpoint` and ``cond`` with :func:`jax.lax.switch`;
+  :func:`jax.checkpoint` and ``cond`` with :func:`jax.lax.switch`; a lazy kernel that such a
+  body only passes through (``nnx.remat`` returns the module's state, kernels included)
+  leaves it still lazy;
 * anywhere else the kernel is materialised as ``W + ΔW`` at that point: never wrong, only
   slower. Every such merge is recorded in an :class:`AdaptReport` (see
   :func:`adapt_report`), and ``adapt(fn, strict=True)`` raises instead.
@@ -603,55 +605,114 @@ def _closed_call(ctx, eqn, invals):
 def _remat(ctx, eqn, invals):
     jaxpr = eqn.params["jaxpr"]
 
+    # A lazy kernel leaves the body as a lazy value (its W, A, B are outputs of the
+    # checkpoint): nnx.remat returns the module's state, kernels included, unchanged, and
+    # materialising W + ΔW there would cost a merge per call, or an AdaptError when strict.
     def body(*vals):
-        return _plain(ctx, _eval(ctx, jaxpr, (), vals), "remat output", eqn)
+        return _eval(ctx, jaxpr, (), vals)
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
     return fn(*invals)
+
+
+def _passed_through(jaxpr, i: int) -> int | None:
+    """The input position that output ``i`` of ``jaxpr`` returns unchanged, or None."""
+    v = jaxpr.outvars[i]
+    if isinstance(v, jex.core.Literal):
+        return None
+    return next((j for j, u in enumerate(jaxpr.invars) if u is v), None)
 
 
 def _cond(ctx, eqn, invals):
     index, *ops = invals
     if isinstance(index, _Lazy):
         return None
+    branches = eqn.params["branches"]
+    # An output every branch returns as the same lazy operand is that operand: it stays
+    # lazy instead of being merged (and a merge it would be dropped by the caller anyway).
+    n_out = len(branches[0].jaxpr.outvars)
+    through: dict[int, int] = {}
+    for i in range(n_out):
+        src = {_passed_through(br.jaxpr, i) for br in branches}
+        (j,) = src if len(src) == 1 else (None,)
+        if j is not None and isinstance(ops[j], _Lazy):
+            through[i] = j
+    rest = [i for i in range(n_out) if i not in through]
 
     def branch(closed):
         def f(*vals):
-            return _plain(ctx, _eval(ctx, closed.jaxpr, closed.consts, vals), "cond output", eqn)
+            outs = _eval(ctx, closed.jaxpr, closed.consts, vals)
+            return _plain(ctx, [outs[i] for i in rest], "cond output", eqn)
 
         return f
 
-    return lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops)
+    computed = lax.switch(index, [branch(br) for br in branches], *ops)
+    outs = dict(zip(rest, computed))
+    outs.update({i: ops[j] for i, j in through.items()})
+    return [outs[i] for i in range(n_out)]
 
 
 def _scan(ctx, eqn, invals):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
+    closed = p["jaxpr"]
+    jaxpr = closed.jaxpr
+    # A carry the body returns unchanged is loop-invariant, and a ``ys`` output that is the
+    # body's own slice of a stacked ``xs`` kernel re-stacks to that kernel: both leave the
+    # scan as the lazy value they entered as, rather than merged.
+    fixed = {
+        c
+        for c in range(ncarry)
+        if isinstance(invals[nc + c], _Lazy) and _passed_through(jaxpr, c) == nc + c
+    }
     consts = invals[:nc]
-    init = _plain(ctx, invals[nc : nc + ncarry], "scan carry", eqn)
+    init = [
+        x if c in fixed else _plain(ctx, [x], "scan carry", eqn)[0]
+        for c, x in enumerate(invals[nc : nc + ncarry])
+    ]
     xs = [
         ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
         if isinstance(x, _Lazy) and x.roles[0] != STACK
         else x
         for x in invals[nc + ncarry :]
     ]
+    n_ys = len(jaxpr.outvars) - ncarry
+    ys_from: dict[int, int] = {}
+    for y in range(n_ys):
+        src = _passed_through(jaxpr, ncarry + y)
+        if src is not None and src >= nc + ncarry and isinstance(xs[src - nc - ncarry], _Lazy):
+            ys_from[y] = src - nc - ncarry
+    loop_carry = [c for c in range(ncarry) if c not in fixed]
+    loop_ys = [y for y in range(n_ys) if y not in ys_from]
     # a lazy kernel travels as its children, sliced along the leading stack axis together
     packed = [_lazy_flatten(x)[0] if isinstance(x, _Lazy) else x for x in xs]
-    closed = p["jaxpr"]
 
     def body(carry, sliced):
         vals = [
             _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path) if isinstance(x, _Lazy) else s
             for x, s in zip(xs, sliced)
         ]
-        outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *vals])
+        full_carry = dict(zip(loop_carry, carry))
+        full_carry.update({c: init[c] for c in fixed})
+        args = [*consts, *(full_carry[c] for c in range(ncarry)), *vals]
+        outs = _eval(ctx, jaxpr, closed.consts, args)
+        outs = [outs[c] for c in loop_carry] + [outs[ncarry + y] for y in loop_ys]
         outs = _plain(ctx, outs, "scan output", eqn)
-        return outs[:ncarry], outs[ncarry:]
+        return outs[: len(loop_carry)], outs[len(loop_carry) :]
 
     carry, ys = lax.scan(
-        body, init, packed, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        body,
+        [init[c] for c in loop_carry],
+        packed,
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
     )
-    return [*carry, *ys]
+    carry_out = dict(zip(loop_carry, carry))
+    carry_out.update({c: init[c] for c in fixed})
+    ys_out = dict(zip(loop_ys, ys))
+    ys_out.update({y: xs[i] for y, i in ys_from.items()})
+    return [*(carry_out[c] for c in range(ncarry)), *(ys_out[y] for y in range(n_ys))]
 
 
 def _prim(*names: str):
