@@ -26,17 +26,20 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlora.targets import KernelLayout, path_str
+from jaxlora.keypaths import path_str
+from jaxlora.targets import KernelLayout
 
 __all__ = [
     "SHARED_KEY",
     "Adapter",
     "Factors",
+    "SharedState",
     "adapter_nodes",
     "labels",
     "merge",
     "num_trainable",
     "register_adapter",
+    "register_shared",
     "unmerge",
 ]
 
@@ -138,6 +141,39 @@ class Adapter:
         return w - self.delta(shared).astype(w.dtype)
 
 
+class SharedState:
+    """Base class of state shared by every layer, stored under ``adapters["__shared__"][name]``.
+
+    Subclasses are frozen dataclasses registered with :func:`register_shared`: fields named
+    in ``ARRAYS`` are pytree children, the others static. The hooks let generic code
+    (checkpoints) store the state compactly without knowing the method: :meth:`compact`
+    drops what :meth:`expand` can regenerate, and :meth:`reproducible` says whether that
+    round trip is exact for these values. By default nothing is dropped.
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    def compact(self) -> SharedState:
+        """The state without what :meth:`expand` regenerates; works on any leaf type
+        (arrays, shapes, shardings), since it only rearranges fields."""
+        return self
+
+    def expand(self) -> SharedState:
+        """Regenerates what :meth:`compact` dropped (a compact state has concrete leaves)."""
+        return self
+
+    def reproducible(self) -> bool:
+        """Whether ``self.compact().expand()`` equals ``self`` bit for bit."""
+        return False
+
+
+def register_shared(cls: type) -> type:
+    """Makes a :class:`SharedState` subclass a frozen dataclass and a pytree node."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(cls.ARRAYS), meta_fields=meta)
+
+
 def register_adapter(cls: type) -> type:
     """Makes an :class:`Adapter` subclass a frozen dataclass and a pytree node.
 
@@ -192,16 +228,11 @@ def shared_state(adapters: dict[str, Any]) -> dict[str, Any]:
     return adapters.get(SHARED_KEY, {})
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Turns ``{"a/b/c": x}`` into ``{"a": {"b": {"c": x}}}``, the layout of adapter trees."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        *head, last = path.split("/")
-        d = out
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = value
-    return out
+def replace_shared(adapters: dict[str, Any], entries: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``adapters`` with the shared entries in ``entries`` replaced."""
+    if not entries:
+        return adapters
+    return {**adapters, SHARED_KEY: {**shared_state(adapters), **entries}}
 
 
 def check_kernel(node: Adapter, w: Any) -> None:

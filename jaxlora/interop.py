@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.adapters import SHARED_KEY, adapter_nodes, full_leaves, merge, nest
-from jaxlora.checkpoint import _version
+from jaxlora._version import version as _version
+from jaxlora.adapters import SHARED_KEY, adapter_nodes, full_leaves, merge
 from jaxlora.dora import DoraAdapter
+from jaxlora.keypaths import nest
 from jaxlora.lora import LoraAdapter
 from jaxlora.targets import Target, TargetsLike, select
 from jaxlora.vera import NAME as VERA

@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter, unmerge
+from jaxlora.adapters import Adapter, Factors, Method, register_adapter, unmerge
+from jaxlora.keypaths import nest
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
 
 __all__ = [

@@ -29,7 +29,16 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import SHARED_KEY, Adapter, Factors, Method, nest, register_adapter
+from jaxlora.adapters import (
+    SHARED_KEY,
+    Adapter,
+    Factors,
+    Method,
+    SharedState,
+    register_adapter,
+    register_shared,
+)
+from jaxlora.keypaths import nest
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
 
 __all__ = ["NAME", "VeraAdapter", "VeraShared", "restore_shared", "strip_shared", "vera"]
@@ -38,9 +47,15 @@ NAME = "vera"
 """Key of VeRA's entry under ``adapters["__shared__"]``."""
 
 
-@dataclasses.dataclass(frozen=True)
-class VeraShared:
-    """VeRA's cross-layer state: the shared matrices and the key that regenerates them."""
+@register_shared
+class VeraShared(SharedState):
+    """VeRA's cross-layer state: the shared matrices and the key that regenerates them.
+
+    A checkpoint stores it :meth:`compact` (the key only) whenever the key regenerates the
+    matrices bit for bit (:meth:`reproducible`).
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("a", "b", "key")
 
     a: Any
     """``A_s: (max_in, rank)``, or ``None`` once stripped."""
@@ -63,12 +78,20 @@ class VeraShared:
     def stripped(self) -> bool:
         return self.a is None
 
+    def compact(self) -> VeraShared:
+        return dataclasses.replace(self, a=None, b=None)
 
-jax.tree_util.register_dataclass(
-    VeraShared,
-    data_fields=["a", "b", "key"],
-    meta_fields=["impl", "rank", "max_in", "max_out", "dtype"],
-)
+    def expand(self) -> VeraShared:
+        if not self.stripped:
+            return self
+        a, b = _matrices(self)
+        return dataclasses.replace(self, a=a, b=b)
+
+    def reproducible(self) -> bool:
+        if self.stripped:
+            return True
+        again = self.compact().expand()
+        return bool(jnp.array_equal(again.a, self.a)) and bool(jnp.array_equal(again.b, self.b))
 
 
 def _kaiming_uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, dtype: Any):
@@ -258,7 +281,7 @@ def strip_shared(adapters: dict[str, Any]) -> dict[str, Any]:
       >>> bool((back.a == adapters["__shared__"]["vera"].a).all())
       True
     """
-    return _replace_shared(adapters, lambda sh: dataclasses.replace(sh, a=None, b=None))
+    return _replace_shared(adapters, VeraShared.compact)
 
 
 def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
@@ -274,10 +297,4 @@ def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
       ValueError: If ``adapters`` has no VeRA shared state.
     """
 
-    def restore(sh: VeraShared) -> VeraShared:
-        if not sh.stripped:
-            return sh
-        a, b = _matrices(sh)
-        return dataclasses.replace(sh, a=a, b=b)
-
-    return _replace_shared(adapters, restore)
+    return _replace_shared(adapters, VeraShared.expand)

@@ -26,7 +26,8 @@ from jax.sharding import PartitionSpec as P
 import jaxlora as jl
 from jaxlora import distributed
 from jaxlora import sharding as sh
-from jaxlora.adapters import SHARED_KEY, Adapter, Factors, nest, register_adapter
+from jaxlora.adapters import SHARED_KEY, Adapter, Factors, register_adapter
+from jaxlora.keypaths import nest
 from jaxlora.models import llama
 from jaxlora.targets import Target, select
 
