@@ -7,6 +7,7 @@ from jaxlora.checkpoint import CheckpointError, CheckpointManager
 from jaxlora.delta_lora import delta_lora
 from jaxlora.dora import dora
 from jaxlora.full import full
+from jaxlora.infer import infer_targets
 from jaxlora.interop import export_merged, export_peft, hf_module_names, import_peft
 from jaxlora.lora import lora, pissa
 from jaxlora.lora_fa import lora_fa
@@ -15,7 +16,7 @@ from jaxlora.methods import method
 from jaxlora.optim import optimizer
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
-from jaxlora.train import train_step
+from jaxlora.train import train_step, trainable
 from jaxlora.vera import vera
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "full",
     "hf_module_names",
     "import_peft",
+    "infer_targets",
     "labels",
     "lora",
     "lora_fa",
@@ -52,6 +54,7 @@ __all__ = [
     "sharded_train_step",
     "sharding",
     "train_step",
+    "trainable",
     "unmerge",
     "vera",
 ]

@@ -95,15 +95,22 @@ class AdaptReport:
 class _Ctx:
     """Per-call interpretation state: strictness and the report being filled in."""
 
-    def __init__(self, strict: bool, targets: Sequence[str], fuse: bool = True):
+    def __init__(self, strict: bool, targets: Sequence[str], fuse: bool = True, rng: Any = None):
         self.strict = strict
-        self.fuse = fuse
+        # the low-rank dropout key of the current scope (a scan body folds in its step);
+        # each dropout site folds in its own number, in trace order
+        self.rng = rng
+        self._sites = itertools.count()
+        self.fuse = fuse and rng is None  # dropout draws one mask per target, as PEFT
         # first low-rank products computed ahead for a group sharing one input, by eqn id
         self.prefused: dict[int, jax.Array] = {}
         self.report = AdaptReport(targets=tuple(targets))
         # sites are deduplicated because scan/cond may trace a body more than once
         self._fast_sites: set[tuple[str, int]] = set()
         self._merge_sites: set[tuple[str, int]] = set()
+
+    def dropout_key(self) -> jax.Array:
+        return jax.random.fold_in(self.rng, next(self._sites))
 
     def hit(self, path: str, eqn: Any) -> None:
         if (path, id(eqn)) not in self._fast_sites:
@@ -137,9 +144,10 @@ class _Lazy:
     ``c: (stack..., out...)`` (per-column scale), each group in view-axis order.
     """
 
-    def __init__(self, w, a, b, c, roles, scale, path):
+    def __init__(self, w, a, b, c, roles, scale, path, dropout=0.0):
         self.w, self.a, self.b, self.c = w, a, b, c
         self.roles, self.scale, self.path = tuple(roles), scale, path
+        self.dropout = dropout
 
     @property
     def ndim(self) -> int:
@@ -151,7 +159,7 @@ class _Lazy:
     def replace(self, **kw) -> _Lazy:
         d = dict(w=self.w, a=self.a, b=self.b, c=self.c, roles=self.roles, scale=self.scale)
         d.update(kw)
-        return _Lazy(**d, path=self.path)
+        return _Lazy(**d, path=self.path, dropout=self.dropout)
 
     def labelled(self, labels: Sequence[str]):
         """Einsum labels of ``a``, ``b``, ``c`` given one label per view axis (+ rank)."""
@@ -178,12 +186,12 @@ class _Lazy:
 
 
 def _lazy_flatten(k: _Lazy):
-    return (k.w, k.a, k.b, k.c), (k.roles, k.scale, k.path)
+    return (k.w, k.a, k.b, k.c), (k.roles, k.scale, k.path, k.dropout)
 
 
 def _lazy_unflatten(aux, children):
-    roles, scale, path = aux
-    return _Lazy(*children, roles=roles, scale=scale, path=path)
+    roles, scale, path, dropout = aux
+    return _Lazy(*children, roles=roles, scale=scale, path=path, dropout=dropout)
 
 
 jax.tree_util.register_pytree_node(_Lazy, _lazy_flatten, _lazy_unflatten)
@@ -208,7 +216,7 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
     a, scale = f.a, f.scale
     if not isinstance(scale, int | float):
         a, scale = a * scale, 1.0
-    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path)
+    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path, f.dropout)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -411,7 +419,7 @@ def _dot_general(ctx: _Ctx, eqn, invals):
     first, second = (a, b) if plan.a_first else (b, a)
     h = ctx.prefused.pop(id(eqn), None)
     if h is None:
-        h = _first_product(plan, first)
+        h = _first_product(_dropped(ctx, plan), first)
     h = h * jnp.asarray(k.scale, h.dtype)
     if plan.a_first:
         spec = (
@@ -429,6 +437,17 @@ def _dot_general(ctx: _Ctx, eqn, invals):
         y = (y * _broadcast(k.c, plan.lc, plan.out)).astype(base.dtype)
     ctx.hit(k.path, eqn)
     return [y]
+
+
+def _dropped(ctx: _Ctx, plan: _Plan) -> _Plan:
+    """The plan with PEFT's ``lora_dropout`` applied to the low-rank branch's input."""
+    rate = plan.k.dropout
+    if not rate or ctx.rng is None:
+        return plan  # exactly the undropped branch: no mask is drawn at all
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(ctx.dropout_key(), keep, plan.x.shape)
+    x = jnp.where(mask, plan.x / jnp.asarray(keep, plan.x.dtype), jnp.zeros((), plan.x.dtype))
+    return plan._replace(x=x)
 
 
 def _fusion_key(plan: _Plan) -> tuple | None:
@@ -686,10 +705,19 @@ def _scan(ctx, eqn, invals):
     loop_ys = [y for y in range(n_ys) if y not in ys_from]
     # a lazy kernel travels as its children, sliced along the leading stack axis together
     packed = [_lazy_flatten(x)[0] if isinstance(x, _Lazy) else x for x in xs]
+    outer_rng = ctx.rng
+    if outer_rng is not None:  # each step draws its own dropout masks
+        scan_key = ctx.dropout_key()
+        packed.append(jnp.arange(p["length"]))
 
     def body(carry, sliced):
+        if outer_rng is not None:
+            *sliced, step = sliced
+            ctx.rng = jax.random.fold_in(scan_key, step)
         vals = [
-            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path) if isinstance(x, _Lazy) else s
+            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path, dropout=x.dropout)
+            if isinstance(x, _Lazy)
+            else s
             for x, s in zip(xs, sliced)
         ]
         full_carry = dict(zip(loop_carry, carry))
@@ -698,6 +726,7 @@ def _scan(ctx, eqn, invals):
         outs = _eval(ctx, jaxpr, closed.consts, args)
         outs = [outs[c] for c in loop_carry] + [outs[ncarry + y] for y in loop_ys]
         outs = _plain(ctx, outs, "scan output", eqn)
+        ctx.rng = outer_rng
         return outs[: len(loop_carry)], outs[len(loop_carry) :]
 
     carry, ys = lax.scan(
@@ -782,7 +811,10 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
 
     Returns:
       The adapted function. Its ``last_report`` attribute holds the :class:`AdaptReport` of
-      the most recent call (see also :func:`adapt_report`).
+      the most recent call (see also :func:`adapt_report`). It also takes a keyword-only
+      ``dropout_rng``: a PRNG key for the low-rank dropout of adapters made with
+      ``dropout > 0`` (PEFT's ``lora_dropout``: ``x@W + s·(dropout(x)@A)@B``, one mask per
+      kernel use and scan step). Without it (evaluation) nothing is dropped, bit for bit.
 
     Raises:
       AdaptError: With ``strict=True``, naming the kernel and the primitive.
@@ -798,6 +830,11 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
       >>> bool(jnp.allclose(jl.adapt(f)(params, adapters, x), f(jl.merge(params, adapters), x)))
       True
       >>> grads = jax.grad(jl.adapt(f), argnums=1)(params, adapters, x)
+
+      With low-rank dropout, training passes a fresh key per step:
+
+      >>> dropped = jl.lora(rank=2, targets=".*kernel", dropout=0.1).init(jax.random.key(0), params)
+      >>> train_loss = jl.adapt(f)(params, dropped, x, dropout_rng=jax.random.key(1))
     """
     cache: collections.OrderedDict = collections.OrderedDict()
 
@@ -824,11 +861,11 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
         return entry
 
     @functools.wraps(fn)
-    def adapted(params, adapters, *args, **kwargs):
+    def adapted(params, adapters, *args, dropout_rng=None, **kwargs):
         nodes = adapter_nodes(adapters)
         full = full_leaves(adapters)
         shared = shared_state(adapters)
-        ctx = _Ctx(strict, tuple(nodes), fuse)
+        ctx = _Ctx(strict, tuple(nodes), fuse, dropout_rng)
         paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
         # Check and substitute targeted params leaves first: a mismatch must be reported as

@@ -65,6 +65,9 @@ class Factors(NamedTuple):
     b: jax.Array
     scale: float | jax.Array
     col_scale: jax.Array | None = None
+    dropout: float = 0.0
+    """Dropout rate on the low-rank branch's input (PEFT's ``lora_dropout``), applied by
+    :func:`jaxlora.adapt` when it is given a ``dropout_rng``; never by ``merge``."""
 
 
 class Adapter:
@@ -389,7 +392,9 @@ class Method(NamedTuple):
 
     ``init(key, params)`` reads only shapes and dtypes of ``params`` (it works under
     ``jax.eval_shape`` and ``jax.jit(..., out_shardings=...)``) and returns the adapters
-    tree.
+    tree. The library's methods also take ``init(key, params, like=(fn, *args))``, which
+    reads the axes of kernels whose target gives none off how ``fn`` uses them
+    (:func:`jaxlora.infer_targets`).
     """
 
     name: str
@@ -419,11 +424,11 @@ def compose(*methods: Method) -> Method:
     if not methods:
         raise ValueError("compose needs at least one method")
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
+    def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         owner: dict[str, str] = {}
         for method, k in zip(methods, jax.random.split(key, len(methods))):
-            tree = method.init(k, params)
+            tree = method.init(k, params) if like is None else method.init(k, params, like=like)
             paths = [*adapter_nodes(tree), *full_leaves(tree)]
             clash = sorted(p for p in paths if p in owner)
             if clash:

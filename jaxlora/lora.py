@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -36,6 +37,7 @@ __all__ = [
     "LoraAdapter",
     "canonical_kernel",
     "check_rank",
+    "dropout_rate",
     "init_lora",
     "kaiming_a",
     "leaves_by_path",
@@ -60,10 +62,23 @@ class LoraAdapter(Adapter):
     scale: float
     a: Any
     b: Any
+    dropout: float = dataclasses.field(default=0.0, kw_only=True)
+    """Dropout rate on the input of ``A`` (PEFT's ``lora_dropout``); see :func:`lora`."""
 
     def factors(self, shared: dict[str, Any]) -> Factors:
         del shared
-        return Factors(self.a, self.b, self.scale)
+        return Factors(self.a, self.b, self.scale, dropout=self.dropout)
+
+
+def dropout_rate(dropout: float, lora_dropout: float | None) -> float:
+    """The low-rank dropout rate from ``dropout`` or its PEFT alias ``lora_dropout``."""
+    if lora_dropout is not None:
+        if dropout:
+            raise ValueError("give dropout or its PEFT alias lora_dropout, not both")
+        dropout = lora_dropout
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 def check_rank(layout: KernelLayout, rank: int) -> None:
@@ -112,6 +127,8 @@ def lora(
     rslora: bool = False,
     init: str = "kaiming",
     dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+    lora_dropout: float | None = None,
 ) -> Method:
     """LoRA: ``W + (alpha/r)·A@B`` with trainable ``A``, ``B`` and a frozen ``W``.
 
@@ -127,6 +144,11 @@ def lora(
         :func:`pissa`). The PiSSA method is named ``"pissa"``.
       dtype: dtype of the adapter arrays (float32 by default, whatever the base dtype: the
         adapted product casts them to the compute dtype where they are used).
+      dropout: Dropout rate on the low-rank branch: ``x@W + s·(dropout(x)@A)@B``, as PEFT's
+        ``lora_dropout``. Applied only by :func:`jaxlora.adapt` called with
+        ``dropout_rng=key`` (training); without a key (evaluation), in ``merge`` and at
+        rate 0 the branch is exactly the undropped one.
+      lora_dropout: PEFT's name for ``dropout`` (an alias; give one of them).
 
     Returns:
       A :class:`jaxlora.Method` whose ``init(key, params)`` returns the adapters tree.
@@ -153,6 +175,7 @@ def lora(
     """
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    dropout = dropout_rate(dropout, lora_dropout)
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
     if init == "pissa" and not alpha > 0:
@@ -162,18 +185,22 @@ def lora(
     if init == "kaiming":
         return Method(
             "lora",
-            functools.partial(init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype),
+            functools.partial(
+                init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype, dropout=dropout
+            ),
         )
 
-    def init_pissa(key: jax.Array, params: Any) -> dict[str, Any]:
+    def init_pissa(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
         del key  # the SVD is exact and deterministic
-        layouts = select(params, targets)
+        layouts = select(params, targets, like)
         kernels = leaves_by_path(params)
         nodes = {}
         for path, layout in layouts.items():
             check_rank(layout, rank)
             a, b = _pissa_factors(kernels[path], layout, rank, scale, dtype)
-            nodes[path] = LoraAdapter(layout=layout, rank=rank, scale=float(scale), a=a, b=b)
+            nodes[path] = LoraAdapter(
+                layout=layout, rank=rank, scale=float(scale), a=a, b=b, dropout=dropout
+            )
         return nest(nodes)
 
     return Method("pissa", init_pissa)
@@ -182,21 +209,24 @@ def lora(
 def init_lora(
     key: jax.Array,
     params: Any,
+    like: Any = None,
     *,
     targets: TargetsLike,
     rank: int,
     scale: float,
     dtype: Any,
     cls: type = LoraAdapter,
+    dropout: float = 0.0,
     **extra: Callable[[KernelLayout, Any], Any],
 ) -> dict[str, Any]:
     """The reference LoRA init (A kaiming-uniform, B = 0) as ``cls`` nodes.
 
     Methods built on LoRA's factors (LoRA-FA, DoRA) reuse it; ``extra`` maps further
     array fields of ``cls`` to ``fn(layout, kernel) -> array``. Without ``extra`` only the
-    shapes of ``params`` are read.
+    shapes of ``params`` are read. ``like=(fn, *args)`` infers the axes of targets that give
+    none from how ``fn`` uses each kernel (:func:`jaxlora.targets.select`).
     """
-    layouts = select(params, targets)
+    layouts = select(params, targets, like)
     for layout in layouts.values():
         check_rank(layout, rank)
     keys = jax.random.split(key, len(layouts))
@@ -209,6 +239,7 @@ def init_lora(
             scale=float(scale),
             a=kaiming_a(k, layout, rank, dtype),
             b=jnp.zeros((*layout.stack_shape, rank, *layout.out_shape), dtype),
+            **({"dropout": float(dropout)} if dropout else {}),
             **{name: fn(layout, kernels[path]) for name, fn in extra.items()},
         )
     return nest(nodes)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from jaxlora.adapters import FROZEN, Method, register_adapter
-from jaxlora.lora import LoraAdapter, init_lora
+from jaxlora.lora import LoraAdapter, dropout_rate, init_lora
 from jaxlora.targets import TargetError, TargetsLike
 
 __all__ = ["LoraFaAdapter", "lora_fa"]
@@ -40,6 +40,8 @@ def lora_fa(
     targets: TargetsLike = "all-linear",
     rslora: bool = False,
     dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+    lora_dropout: float | None = None,
 ) -> Method:
     """LoRA-FA: ``W + (alpha/r)·A@B`` with a random, frozen ``A`` and a trainable ``B``.
 
@@ -49,6 +51,8 @@ def lora_fa(
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
       rslora: Scale by ``alpha/√r`` instead.
       dtype: dtype of the adapter arrays.
+      dropout: Dropout rate on the low-rank branch's input (as in :func:`jaxlora.lora`).
+      lora_dropout: PEFT's name for ``dropout``.
 
     Returns:
       A :class:`jaxlora.Method` named ``"lora_fa"``; A is initialised exactly as LoRA's
@@ -71,8 +75,15 @@ def lora_fa(
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    dropout = dropout_rate(dropout, lora_dropout)
 
     init = functools.partial(
-        init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype, cls=LoraFaAdapter
+        init_lora,
+        targets=targets,
+        rank=rank,
+        scale=scale,
+        dtype=dtype,
+        cls=LoraFaAdapter,
+        dropout=dropout,
     )
     return Method("lora_fa", init)

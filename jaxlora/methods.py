@@ -56,13 +56,16 @@ class MethodSpec:
     replaces_base: bool = False
     """Whether the base must be replaced by a residual after ``init`` (PiSSA)."""
 
-    def init(self, key: Any, params: Any) -> dict[str, Any]:
-        """The adapters tree (for PiSSA use :meth:`prepare`, which also returns the base)."""
-        return self.adapters.init(key, params)
+    def init(self, key: Any, params: Any, like: Any = None) -> dict[str, Any]:
+        """The adapters tree (for PiSSA use :meth:`prepare`, which also returns the base).
 
-    def prepare(self, key: Any, params: Any) -> tuple[Any, dict[str, Any]]:
+        ``like=(fn, *args)`` infers kernel axes from use (:func:`jaxlora.infer_targets`).
+        """
+        return self.adapters.init(key, params, like=like)
+
+    def prepare(self, key: Any, params: Any, like: Any = None) -> tuple[Any, dict[str, Any]]:
         """``(base_params, adapters)`` to train with: the residual base for PiSSA."""
-        adapters = self.adapters.init(key, params)
+        adapters = self.adapters.init(key, params, like=like)
         return (unmerge(params, adapters) if self.replaces_base else params), adapters
 
     def optimizer(

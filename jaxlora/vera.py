@@ -11,9 +11,11 @@ frozen, the train step never computes the ``d_in``-wide gradient LoRA's A needs.
 The shared matrices are a pure function of the PRNG key stored beside them, so a
 checkpoint may keep only the key: :func:`strip_shared` drops the matrices and
 :func:`restore_shared` regenerates them bit-identically. The key is stored as raw
-``uint32`` key data (an array leaf, labelled ``"frozen"``), so ``jax.grad`` over a whole
-VeRA adapters tree needs ``allow_int=True``; :func:`jaxlora.train_step` differentiates the
-trainable arrays only and is unaffected.
+``uint32`` key data (an array leaf, labelled ``"frozen"``: it must stay an array for
+``init`` to be jittable and for checkpoints to store it), so ``jax.grad`` over a whole VeRA
+adapters tree fails; differentiate :func:`jaxlora.trainable`'s view instead (or pass
+``allow_int=True``). :func:`jaxlora.train_step` differentiates the trainable arrays only
+and is unaffected.
 
 References:
   Kopiczko et al., 2024, VeRA: Vector-based Random Matrix Adaptation,
@@ -215,8 +217,8 @@ def vera(
         raise TargetError(f"vera: rank must be a positive integer, got {rank!r}")
     dtype_name = jnp.dtype(dtype).name
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
-        layouts = select(params, targets)
+    def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
+        layouts = select(params, targets, like)
         data, impl = _key_data(key)
         shared = VeraShared(
             a=None,

@@ -33,7 +33,7 @@ PARAMS = {
 }
 TARGETS = [
     jl.Target(r"inp/kernel"),
-    jl.Target(r"layers/kernel"),
+    jl.Target(r"layers/kernel", stack_axes=(0,)),
     jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)),
 ]
 BATCH = {

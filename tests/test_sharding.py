@@ -29,7 +29,7 @@ from jaxlora import sharding as sh
 from jaxlora.adapters import SHARED_KEY, Adapter, Factors, register_adapter
 from jaxlora.keypaths import nest
 from jaxlora.models import llama
-from jaxlora.targets import Target, select
+from jaxlora.targets import Target, select, stacked
 
 HERE = pathlib.Path(__file__).parent
 MESH = AbstractMesh((2, 2, 2), sh.AXES)
@@ -210,7 +210,7 @@ def test_opt_state_follows_adapters_through_masks_and_labels():
     shapes = _shapes(scan=True)
     specs = sh.param_specs(shapes, sh.llama_rules("fsdp_tp"), MESH)
     adapters = jax.eval_shape(
-        jl.lora_fa(rank=4, targets="all-linear").init, jax.random.key(0), shapes
+        jl.lora_fa(rank=4, targets=stacked("all-linear")).init, jax.random.key(0), shapes
     )
     aspecs = sh.adapter_specs(adapters, specs)
     tx = jl.optimizer({"lora_b": optax.adam(1e-3)})  # A is frozen: masked, no state
