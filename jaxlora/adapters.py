@@ -20,7 +20,9 @@ DoRA-style methods). :meth:`Adapter.factors` returns that form.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -36,6 +38,7 @@ __all__ = [
     "SharedState",
     "adapter_nodes",
     "labels",
+    "map_parts",
     "merge",
     "num_trainable",
     "register_adapter",
@@ -192,14 +195,37 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, Adapter)
 
 
+def _body(adapters: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in adapters.items() if k not in _RESERVED}
+
+
+def map_parts(
+    adapters: dict[str, Any],
+    nodes: Callable[[dict[str, Any]], dict[str, Any]],
+    shared: Callable[[dict[str, Any]], Any],
+    full: Callable[[dict[str, Any]], Any],
+) -> dict[str, Any]:
+    """Maps each part of an adapters tree with its own function, keeping which parts exist.
+
+    The parts: the per-kernel nodes (everything but the reserved keys), the shared state
+    under :data:`SHARED_KEY` and the fully trained copies under :data:`FULL_KEY`. This is
+    the one place that splits a tree by its reserved keys.
+    """
+    out = nodes(_body(adapters))
+    if SHARED_KEY in adapters:
+        out[SHARED_KEY] = shared(adapters[SHARED_KEY])
+    if FULL_KEY in adapters:
+        out[FULL_KEY] = full(adapters[FULL_KEY])
+    return out
+
+
 def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
     """All adapter nodes of an adapters tree, keyed by the path of the kernel they adapt."""
     if not isinstance(adapters, dict):
         raise TypeError(
             f"adapters must be the dict returned by a method's init(), got {type(adapters)}"
         )
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    leaves = jax.tree_util.tree_leaves(body, is_leaf=_is_node)
+    leaves = jax.tree_util.tree_leaves(_body(adapters), is_leaf=_is_node)
     nodes = {}
     for leaf in leaves:
         if not isinstance(leaf, Adapter):
@@ -361,15 +387,12 @@ def labels(adapters: Any) -> Any:
             return dataclasses.replace(x, **{f: x.LABELS[f] for f in x.ARRAYS})
         return FROZEN
 
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    out = jax.tree_util.tree_map(label_node, body, is_leaf=_is_node)
-    if FULL_KEY in adapters:
-        out[FULL_KEY] = jax.tree_util.tree_map(lambda x: FULL, adapters[FULL_KEY])
-    if SHARED_KEY in adapters:
-        # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
-        # otherwise
-        out[SHARED_KEY] = jax.tree_util.tree_map(label_node, adapters[SHARED_KEY], is_leaf=_is_node)
-    return out
+    # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
+    # otherwise
+    by_node = functools.partial(jax.tree_util.tree_map, label_node, is_leaf=_is_node)
+    return map_parts(
+        adapters, by_node, by_node, functools.partial(jax.tree_util.tree_map, lambda x: FULL)
+    )
 
 
 def num_trainable(adapters: Any) -> int:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora.adapters import (
     SHARED_KEY,
@@ -39,7 +40,9 @@ from jaxlora.adapters import (
     SharedState,
     register_adapter,
     register_shared,
+    shared_state,
 )
+from jaxlora.interop import peft
 from jaxlora.keypaths import nest
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
 
@@ -300,3 +303,101 @@ def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
     """
 
     return _replace_shared(adapters, VeraShared.expand)
+
+
+# ----------------------------------------------------------------------------- PEFT format
+
+
+class VeraPeftFormat:
+    """PEFT's ``VERA`` type: ``vera_lambda_d`` ``(r,)`` and ``vera_lambda_b`` ``(out,)`` per
+    module, the shared ``A_s``/``B_s`` as ``base_model.vera_A``/``_B`` ``(r, max_in)``,
+    ``(max_out, r)``, written with ``save_projection`` so PEFT need not regenerate them from a
+    torch seed (which JAX cannot reproduce)."""
+
+    peft_type = "VERA"
+    suffixes = ("vera_lambda_d", "vera_lambda_b")
+    global_keys = ("base_model.vera_A", "base_model.vera_B")
+
+    def claims(self, node: Adapter) -> bool:
+        return isinstance(node, VeraAdapter)
+
+    def export(self, adapters, nodes, module_names, **_):
+        shared = shared_state(adapters).get(NAME)
+        if shared is None or shared.stripped:
+            raise ValueError(
+                "export_peft: VeRA needs its shared matrices; pass the full tree (or "
+                "jaxlora.vera.restore_shared(adapters))"
+            )
+        tensors: dict[str, Any] = {
+            "base_model.vera_A": np.asarray(shared.a).T,
+            "base_model.vera_B": np.asarray(shared.b).T,
+        }
+        targets = []
+        for path, node in sorted(nodes.items()):
+            lay = node.layout
+            if node.rank != shared.rank:
+                raise ValueError(
+                    f"export_peft: VeRA adapter at {path!r} has rank {node.rank} but the shared "
+                    f"matrices {shared.rank}; PEFT has one rank for all layers"
+                )
+            ns = len(lay.stack_axes)
+            names = peft.module_names_of(module_names, path, lay.num_stacked)
+            d = peft.per_layer(node.d, ns, (node.rank,))
+            b = peft.per_layer(node.b, ns, (lay.d_out,))
+            for name, di, bi in zip(names, d, b, strict=True):
+                tensors[f"{peft.PREFIX}{name}.vera_lambda_d"] = di
+                tensors[f"{peft.PREFIX}{name}.vera_lambda_b"] = bi
+                targets.append(name)
+        config = {
+            "r": shared.rank,
+            "target_modules": sorted(targets),
+            "projection_prng_key": 0,
+            "save_projection": True,
+            "vera_dropout": 0.0,
+            "d_initial": 0.1,
+            "init_weights": True,
+        }
+        return tensors, config
+
+    def build(self, config, kernels, dtype):
+        r = int(config["r"])
+        if any(k not in kernels.tensors for k in self.global_keys):
+            raise ValueError(
+                "import_peft: the VeRA adapter was saved without its projections "
+                "(save_projection=False); PEFT regenerates them with torch's generator, which "
+                "JAX cannot reproduce"
+            )
+        a_s = jnp.asarray(kernels.tensors["base_model.vera_A"].T, dtype)
+        b_s = jnp.asarray(kernels.tensors["base_model.vera_B"].T, dtype)
+        nodes = {}
+        for path in kernels.paths:
+            lay = kernels.layouts[path]
+            if lay.d_in > a_s.shape[0] or lay.d_out > b_s.shape[1]:
+                raise ValueError(
+                    f"import_peft: kernel {path!r} ({lay.d_in}->{lay.d_out}) is larger than the "
+                    f"shared VeRA projections ({a_s.shape[0]}->{b_s.shape[1]})"
+                )
+            d = kernels.stacked(path, "vera_lambda_d", (r,), False, dtype)
+            b = kernels.stacked(path, "vera_lambda_b", (lay.d_out,), False, dtype)
+            nodes[path] = VeraAdapter(
+                layout=lay, rank=r, d=d, b=b.reshape(*lay.stack_shape, *lay.out_shape)
+            )
+        tree = nest(nodes)
+        # the key beside imported matrices does not regenerate them: checkpoints store them
+        key = jax.random.key(int(config.get("projection_prng_key", 0)))
+        tree[SHARED_KEY] = {
+            NAME: VeraShared(
+                a=a_s,
+                b=b_s,
+                key=jax.random.key_data(key),
+                impl=str(jax.random.key_impl(key)),
+                rank=r,
+                max_in=int(a_s.shape[0]),
+                max_out=int(b_s.shape[1]),
+                dtype=jnp.dtype(dtype).name,
+            )
+        }
+        return tree
+
+
+PEFT_FORMAT = peft.register_format(VeraPeftFormat())
