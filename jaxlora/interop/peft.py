@@ -381,8 +381,7 @@ def import_peft(
         # a kernel the map names layer by layer is stacked on its leading axis
         layered = {p for p, names in module_names.items() if not isinstance(names, str)}
         specs = [
-            Target(re.escape(p), stack_axes=(0,) if p in layered else None)
-            for p in sorted(by_path)
+            Target(re.escape(p), stack_axes=(0,) if p in layered else None) for p in sorted(by_path)
         ]
     layouts = select(params, specs)
     missing = sorted(set(by_path) - set(layouts))
