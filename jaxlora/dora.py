@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.lora import PEFT_FORMAT, canonical_kernel, init_lora
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, resolve_targets
 
 __all__ = ["DoraAdapter", "column_norm", "dora"]
 
@@ -103,6 +103,7 @@ def dora(
     targets: TargetsLike = "all-linear",
     rslora: bool = False,
     dtype: Any = jnp.float32,
+    target_modules: Any = None,
 ) -> Method:
     """DoRA: ``m · (W + s·A@B) / ||W + s·A@B||`` per output column; ``m``, ``A``, ``B`` train.
 
@@ -112,6 +113,7 @@ def dora(
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
       rslora: Scale by ``alpha/√r`` instead.
       dtype: dtype of the adapter arrays.
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"dora"``. Its ``init(key, params)`` reads the
@@ -143,7 +145,7 @@ def dora(
 
     init = functools.partial(
         init_lora,
-        targets=targets,
+        targets=resolve_targets(targets, target_modules),
         rank=rank,
         scale=scale,
         dtype=dtype,

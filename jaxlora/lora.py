@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -33,7 +33,14 @@ import jax.numpy as jnp
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter, unmerge
 from jaxlora.interop import peft
 from jaxlora.keypaths import nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
+from jaxlora.targets import (
+    KernelLayout,
+    TargetError,
+    TargetsLike,
+    path_str,
+    resolve_targets,
+    select,
+)
 
 __all__ = [
     "PEFT_FORMAT",
@@ -133,6 +140,7 @@ def lora(
     dtype: Any = jnp.float32,
     dropout: float = 0.0,
     lora_dropout: float | None = None,
+    target_modules: str | Sequence[str] | None = None,
 ) -> Method:
     """LoRA: ``W + (alpha/r)·A@B`` with trainable ``A``, ``B`` and a frozen ``W``.
 
@@ -153,6 +161,9 @@ def lora(
         ``dropout_rng=key`` (training); without a key (evaluation), in ``merge`` and at
         rate 0 the branch is exactly the undropped one.
       lora_dropout: PEFT's name for ``dropout`` (an alias; give one of them).
+      target_modules: PEFT's module names (``["q_proj", "v_proj"]`` or ``"all-linear"``),
+        an alternative to ``targets`` that replaces it
+        (:func:`jaxlora.targets.module_targets`).
 
     Returns:
       A :class:`jaxlora.Method` whose ``init(key, params)`` returns the adapters tree.
@@ -180,6 +191,7 @@ def lora(
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
     dropout = dropout_rate(dropout, lora_dropout)
+    targets = resolve_targets(targets, target_modules)
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
     if init == "pissa" and not alpha > 0:
@@ -353,6 +365,12 @@ class LoraPeftFormat:
                     tensors[f"{peft.PREFIX}{name}.lora_magnitude_vector"] = mi
                 ranks[name], alphas[name] = node.rank, alpha
         r, alpha = peft.majority(list(ranks.values())), peft.majority(list(alphas.values()))
+        dropouts = {float(getattr(n, "dropout", 0.0)) for n in nodes.values()}
+        if len(dropouts) != 1:
+            raise ValueError(
+                f"export_peft: PEFT has one lora_dropout per adapter, these kernels use "
+                f"{sorted(dropouts)}"
+            )
         config = {
             "r": r,
             "lora_alpha": alpha,
@@ -362,7 +380,7 @@ class LoraPeftFormat:
             # exact module names, escaped: PEFT matches these keys as regexes on name suffixes
             "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha},
-            "lora_dropout": 0.0,
+            "lora_dropout": dropouts.pop(),
             "lora_bias": False,
             "init_lora_weights": True,
         }
@@ -389,6 +407,8 @@ class LoraPeftFormat:
             if dora:
                 m = kernels.stacked(path, "lora_magnitude_vector", (lay.d_out,), False, dtype)
                 extra["m"] = m.reshape(*lay.stack_shape, *lay.out_shape)
+            elif config.get("lora_dropout"):
+                extra["dropout"] = float(config["lora_dropout"])
             nodes[path] = cls(
                 layout=lay,
                 rank=r,

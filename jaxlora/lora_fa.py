@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxlora.adapters import FROZEN, Method, register_adapter
 from jaxlora.lora import LoraAdapter, dropout_rate, init_lora
-from jaxlora.targets import TargetError, TargetsLike
+from jaxlora.targets import TargetError, TargetsLike, resolve_targets
 
 __all__ = ["LoraFaAdapter", "lora_fa"]
 
@@ -42,6 +42,7 @@ def lora_fa(
     dtype: Any = jnp.float32,
     dropout: float = 0.0,
     lora_dropout: float | None = None,
+    target_modules: Any = None,
 ) -> Method:
     """LoRA-FA: ``W + (alpha/r)·A@B`` with a random, frozen ``A`` and a trainable ``B``.
 
@@ -53,6 +54,7 @@ def lora_fa(
       dtype: dtype of the adapter arrays.
       dropout: Dropout rate on the low-rank branch's input (as in :func:`jaxlora.lora`).
       lora_dropout: PEFT's name for ``dropout``.
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"lora_fa"``; A is initialised exactly as LoRA's
@@ -76,6 +78,7 @@ def lora_fa(
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
     dropout = dropout_rate(dropout, lora_dropout)
+    targets = resolve_targets(targets, target_modules)
 
     init = functools.partial(
         init_lora,

@@ -33,6 +33,7 @@ __all__ = [
     "KernelLayout",
     "Target",
     "TargetError",
+    "module_targets",
     "path_str",
     "select",
     "stacked",
@@ -223,6 +224,50 @@ def as_targets(targets: TargetsLike) -> tuple[Target, ...]:
     if not out:
         raise TargetError("empty target list: pass at least one pattern or Target")
     return out
+
+
+def module_targets(target_modules: str | Sequence[str]) -> Target:
+    """PEFT's ``target_modules`` as a :class:`Target`: the kernels of modules with those names.
+
+    As in PEFT, a name selects every module whose own name (the last component of its path)
+    equals it, wherever it sits: ``["q_proj", "v_proj"]`` selects
+    ``layers/3/attn/q_proj/kernel`` (any leaf of two or more axes directly under such a
+    module: Flax's ``kernel``, an einsum's ``w``). ``"all-linear"`` is the :data:`ALL_LINEAR`
+    preset. Module paths here are ``"/"``-joined key paths; for other patterns pass a regex
+    as ``targets``.
+
+    Args:
+      target_modules: A list of module names, one name, or ``"all-linear"``.
+
+    Returns:
+      The :class:`Target`.
+
+    Raises:
+      TargetError: For an empty list or a name that is not a plain module name.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> params = {"layers": {"0": {"q_proj": {"kernel": jnp.zeros((4, 4))},
+      ...                            "k_proj": {"kernel": jnp.zeros((4, 4))}}}}
+      >>> list(select(params, module_targets(["q_proj"])))
+      ['layers/0/q_proj/kernel']
+    """
+    if target_modules == "all-linear":
+        return ALL_LINEAR
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"[\w.-]+", n)]
+    if not names or bad:
+        raise TargetError(
+            f"target_modules must be module names such as ['q_proj', 'v_proj'] or "
+            f"'all-linear', got {target_modules!r}; pass a regex over key paths as targets="
+        )
+    alternatives = "|".join(re.escape(n) for n in names)
+    return Target(rf"(.*/)?({alternatives})/[^/]+")
+
+
+def resolve_targets(targets: TargetsLike, target_modules: Any) -> TargetsLike:
+    """``targets``, or PEFT's ``target_modules`` alias where given (it then wins)."""
+    return targets if target_modules is None else module_targets(target_modules)
 
 
 def stacked(targets: TargetsLike, axes: tuple[int, ...] = (0,)) -> tuple[Target, ...]:

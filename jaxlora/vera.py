@@ -44,7 +44,7 @@ from jaxlora.adapters import (
 )
 from jaxlora.interop import peft
 from jaxlora.keypaths import nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, resolve_targets, select
 
 __all__ = ["NAME", "VeraAdapter", "VeraShared", "restore_shared", "strip_shared", "vera"]
 
@@ -178,8 +178,10 @@ def vera(
     *,
     rank: int = 256,
     targets: TargetsLike = "all-linear",
-    d_init: float = 0.1,
+    d_init: float | None = None,
     dtype: Any = jnp.float32,
+    d_initial: float | None = None,
+    target_modules: Any = None,
 ) -> Method:
     """VeRA: ``W + A_s·diag(d)·B_s·diag(b)`` with shared frozen ``A_s``, ``B_s``.
 
@@ -188,9 +190,11 @@ def vera(
         ``min(d_in, d_out)`` (the paper uses 256 and more), since only ``r + d_out``
         numbers per layer train.
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
-      d_init: Initial value of every ``d`` (``b`` starts at 0, so training starts exactly
-        at the base model).
+      d_init: Initial value of every ``d``, 0.1 by default (``b`` starts at 0, so training
+        starts exactly at the base model).
       dtype: dtype of the shared matrices and the vectors.
+      d_initial: PEFT's name for ``d_init`` (an alias; give one of them).
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"vera"``. Its ``init(key, params)`` reads only
@@ -218,6 +222,10 @@ def vera(
     """
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"vera: rank must be a positive integer, got {rank!r}")
+    if d_initial is not None and d_init is not None:
+        raise ValueError("vera: give d_init or its PEFT alias d_initial, not both")
+    d_init = next((v for v in (d_init, d_initial) if v is not None), 0.1)
+    targets = resolve_targets(targets, target_modules)
     dtype_name = jnp.dtype(dtype).name
 
     def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:

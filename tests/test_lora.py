@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import chex
@@ -230,3 +231,11 @@ def test_dropout_matches_the_merged_oracle_with_the_same_mask():
     ge = jax.grad(lambda a: oracle(params, a, x).sum())(ad)
     for u, v in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ge), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_dropout_travels_through_the_peft_format(tmp_path):
+    params = {"q": {"kernel": jax.random.normal(KEY, (8, 6))}}
+    ad = jl.lora(rank=2, targets=".*", lora_dropout=0.05).init(KEY, params)
+    out = jl.export_peft(tmp_path / "peft", ad, {"q/kernel": "q"})
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    assert jl.import_peft(out, params, {"q/kernel": "q"})["q"]["kernel"].dropout == 0.05

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxlora as jl
-from jaxlora.targets import select
+from jaxlora.targets import module_targets, select
 
 PARAMS = {
     "embed": {"embedding": jnp.zeros((10, 8))},
@@ -109,3 +109,23 @@ def test_selection_works_on_shapes_only():
     shapes = jax.eval_shape(lambda: PARAMS)
     targets = [STACKED, OUT, "all-linear"]
     assert select(shapes, targets) == select(PARAMS, targets)
+
+
+def test_peft_target_modules_are_module_names():
+    params = {
+        "layers": {
+            "0": {"q_proj": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros((8,))}},
+            "1": {"q_proj": {"kernel": jnp.zeros((8, 8))}, "v_proj": {"w": jnp.zeros((8, 8))}},
+        },
+        "big_q_proj": {"kernel": jnp.zeros((8, 8))},  # another module's name ends in q_proj
+    }
+    got = select(params, module_targets(["q_proj", "v_proj"]))
+    assert list(got) == ["layers/0/q_proj/kernel", "layers/1/q_proj/kernel", "layers/1/v_proj/w"]
+    assert module_targets("all-linear") is jl.ALL_LINEAR
+    by_name = jl.lora(rank=2, target_modules=["q_proj"]).init(jax.random.key(0), params)
+    by_regex = jl.lora(rank=2, targets=r".*/q_proj/kernel").init(jax.random.key(0), params)
+    assert jax.tree_util.tree_structure(by_name) == jax.tree_util.tree_structure(by_regex)
+    with pytest.raises(jl.TargetError, match="module names such as"):
+        module_targets(["layers/.*"])
+    with pytest.raises(jl.TargetError, match="module names such as"):
+        jl.vera(target_modules=[])

@@ -177,3 +177,14 @@ def test_init_does_not_alias_the_callers_key():
     step = jl.train_step(lambda p, b: jnp.sum(b @ p["w"]["kernel"]), tx)  # donates adapters
     step(params, ad, tx.init(ad), jnp.ones((2, 8)))
     jax.random.normal(key, (2,))  # the caller's key is still alive
+
+
+def test_peft_argument_names_are_aliases():
+    a = jl.vera(rank=6, targets=TARGETS, d_initial=0.25).init(jax.random.key(3), PARAMS)
+    b = jl.vera(rank=6, targets=TARGETS, d_init=0.25).init(jax.random.key(3), PARAMS)
+    np.testing.assert_array_equal(a["q"]["kernel"].d, jnp.full((6,), 0.25))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(_vera()["q"]["kernel"].d, jnp.full((6,), 0.1))  # default
+    with pytest.raises(ValueError, match="not both"):
+        jl.vera(d_init=0.2, d_initial=0.3)
