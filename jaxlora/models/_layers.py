@@ -9,6 +9,8 @@ query) gets a uniform softmax rather than NaNs, and its output is ignored downst
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -82,7 +84,11 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax
 
 
 def attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query support.
 
@@ -92,6 +98,8 @@ def attention(
         ``kv_heads`` (each key/value head serves ``heads // kv_heads`` query heads).
       value: like ``key``.
       mask: boolean, broadcastable to ``(batch, heads, queries, keys)``, or None.
+      dropout: Applied to the attention probabilities (training); None keeps the fused
+        ``jax.nn.dot_product_attention`` path.
 
     Returns:
       ``(batch, queries, heads, head_dim)``.
@@ -102,4 +110,16 @@ def attention(
       >>> attention(q, kv, kv, None).shape
       (1, 3, 4, 8)
     """
-    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    if dropout is None:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    # the probabilities must exist as an array to be dropped, as in the reference models
+    b, t, h, d = query.shape
+    kv = key.shape[2]
+    q = query.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key) / jnp.sqrt(jnp.asarray(d, query.dtype))
+    logits = logits.reshape(b, h, t, -1)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probs = dropout(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(query.dtype))
+    probs = probs.reshape(b, kv, h // kv, t, -1)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(b, t, h, d)
