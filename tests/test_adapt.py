@@ -16,8 +16,12 @@ import jaxlora as jl
 KEY = jax.random.key(0)
 
 
-def _lora(params, targets, rank=3, **kw):
-    ad = jl.lora(rank=rank, alpha=6.0, targets=targets, **kw).init(jax.random.key(1), params)
+STACK = jl.Target(r"stack/kernel", stack_axes=(0,))
+
+
+def _lora(params, targets, rank=3, like=None, **kw):
+    method = jl.lora(rank=rank, alpha=6.0, targets=targets, **kw)
+    ad = method.init(jax.random.key(1), params, like=like)
     return randomize(ad, jax.random.key(2))
 
 
@@ -47,7 +51,7 @@ def _plain_fn(p, x):
 
 def test_plain_jax_matches_merged_and_is_fast():
     params = _plain_params()
-    ad = _lora(params, [r"w\d/kernel", r"stack/kernel"])
+    ad = _lora(params, [r"w\d/kernel", STACK])
     report = check_against_merged(_plain_fn, params, ad, jax.random.normal(KEY, (5, 8)))
     assert report.all_fast, report
     assert report.fast["w2/kernel"] == 3
@@ -151,9 +155,10 @@ def test_linen_scan_remat_stacked_kernels():
     x = jax.random.normal(KEY, (4, 8))
     params = model.init(KEY, x)["params"]
     assert params["layers"]["up"]["kernel"].shape == (3, 8, 16)
-    ad = _lora(params, r"layers/.*/kernel")
+    fn = lambda p, x: model.apply({"params": p}, x)
+    ad = _lora(params, r"layers/.*/kernel", like=(fn, x))  # (3, d_in, d_out): axes from use
     assert ad["layers"]["up"]["kernel"].a.shape == (3, 8, 3)
-    report = check_against_merged(lambda p, x: model.apply({"params": p}, x), params, ad, x)
+    report = check_against_merged(fn, params, ad, x)
     assert report.all_fast and set(report.fast) == {"layers/up/kernel", "layers/down/kernel"}
 
 
@@ -288,7 +293,7 @@ def test_nnx_remat_returns_kernel_unmerged(calls):
 
 def test_checkpoint_cond_scan_pass_a_kernel_through_lazily():
     params = _plain_params()
-    ad = _lora(params, [r"w1/kernel", r"stack/kernel"])
+    ad = _lora(params, [r"w1/kernel", STACK])
 
     def fn(p, x, flag):
         w, stack = p["w1"]["kernel"], p["stack"]["kernel"]
