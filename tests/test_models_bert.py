@@ -134,7 +134,7 @@ def test_dropout_is_hf_default_and_off_without_a_key(tiny):
     )
     other = np.asarray(run(params, ids, mask, config=config, dropout_rng=jax.random.key(1)))
     assert not np.array_equal(other, train)
-    assert bert.BertConfig.from_hf_config(config.to_hf_config()) == config
+    assert bert.BertConfig.from_hf_config(config.to_hf_config(), pooler=config.pooler) == config
 
 
 def test_attention_probability_dropout_path_matches_the_fused_kernel():
