@@ -4,6 +4,7 @@ from jaxlora import distributed, sharding
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
 from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
 from jaxlora.checkpoint import CheckpointError, CheckpointManager
+from jaxlora.infer import infer_targets
 from jaxlora.interop import export_merged, export_peft, hf_module_names, import_peft
 from jaxlora.methods.delta_lora import delta_lora
 from jaxlora.methods.dora import dora
@@ -16,7 +17,7 @@ from jaxlora.optim import optimizer
 from jaxlora.recipes import Recipe, recipe
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
-from jaxlora.train import train_step
+from jaxlora.train import train_step, trainable
 
 __all__ = [
     "ALL_LINEAR",
@@ -40,6 +41,7 @@ __all__ = [
     "full",
     "hf_module_names",
     "import_peft",
+    "infer_targets",
     "labels",
     "lora",
     "lora_fa",
@@ -52,6 +54,7 @@ __all__ = [
     "sharded_train_step",
     "sharding",
     "train_step",
+    "trainable",
     "unmerge",
     "vera",
 ]

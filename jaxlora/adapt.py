@@ -15,7 +15,9 @@ shapes/dtypes) and re-evaluates it with each targeted kernel replaced by a lazy 
   applied to ``W`` and carried into the factors, so the kernel stays lazy;
 * nested ``jit`` is inlined, ``scan`` is rebuilt with :func:`jax.lax.scan` (a stacked lazy
   kernel is passed as ``xs``, so its factors are sliced with it), remat is rebuilt with
-  :func:`jax.checkpoint` and ``cond`` with :func:`jax.lax.switch`;
+  :func:`jax.checkpoint` and ``cond`` with :func:`jax.lax.switch`; a lazy kernel that such a
+  body only passes through (``nnx.remat`` returns the module's state, kernels included)
+  leaves it still lazy;
 * anywhere else the kernel is materialised as ``W + ΔW`` at that point: never wrong, only
   slower. Every such merge is recorded in an :class:`AdaptReport` (see
   :func:`adapt_report`), and ``adapt(fn, strict=True)`` raises instead.
@@ -86,15 +88,22 @@ class AdaptReport:
 class _Ctx:
     """Per-call interpretation state: strictness and the report being filled in."""
 
-    def __init__(self, strict: bool, targets: Sequence[str], fuse: bool = True):
+    def __init__(self, strict: bool, targets: Sequence[str], fuse: bool = True, rng: Any = None):
         self.strict = strict
-        self.fuse = fuse
+        # the low-rank dropout key of the current scope (a scan body folds in its step);
+        # each dropout site folds in its own number, in trace order
+        self.rng = rng
+        self._sites = itertools.count()
+        self.fuse = fuse and rng is None  # dropout draws one mask per target, as PEFT
         # first low-rank products computed ahead for a group sharing one input, by eqn id
         self.prefused: dict[int, jax.Array] = {}
         self.report = AdaptReport(targets=tuple(targets))
         # sites are deduplicated because scan/cond may trace a body more than once
         self._fast_sites: set[tuple[str, int]] = set()
         self._merge_sites: set[tuple[str, int]] = set()
+
+    def dropout_key(self) -> jax.Array:
+        return jax.random.fold_in(self.rng, next(self._sites))
 
     def hit(self, path: str, eqn: Any) -> None:
         if (path, id(eqn)) not in self._fast_sites:
@@ -128,9 +137,10 @@ class _Lazy:
     ``c: (stack..., out...)`` (per-column scale), each group in view-axis order.
     """
 
-    def __init__(self, w, a, b, c, roles, scale, path):
+    def __init__(self, w, a, b, c, roles, scale, path, dropout=0.0):
         self.w, self.a, self.b, self.c = w, a, b, c
         self.roles, self.scale, self.path = tuple(roles), scale, path
+        self.dropout = dropout
 
     @property
     def ndim(self) -> int:
@@ -142,7 +152,7 @@ class _Lazy:
     def replace(self, **kw) -> _Lazy:
         d = dict(w=self.w, a=self.a, b=self.b, c=self.c, roles=self.roles, scale=self.scale)
         d.update(kw)
-        return _Lazy(**d, path=self.path)
+        return _Lazy(**d, path=self.path, dropout=self.dropout)
 
     def labelled(self, labels: Sequence[str]):
         """Einsum labels of ``a``, ``b``, ``c`` given one label per view axis (+ rank)."""
@@ -169,12 +179,12 @@ class _Lazy:
 
 
 def _lazy_flatten(k: _Lazy):
-    return (k.w, k.a, k.b, k.c), (k.roles, k.scale, k.path)
+    return (k.w, k.a, k.b, k.c), (k.roles, k.scale, k.path, k.dropout)
 
 
 def _lazy_unflatten(aux, children):
-    roles, scale, path = aux
-    return _Lazy(*children, roles=roles, scale=scale, path=path)
+    roles, scale, path, dropout = aux
+    return _Lazy(*children, roles=roles, scale=scale, path=path, dropout=dropout)
 
 
 jax.tree_util.register_pytree_node(_Lazy, _lazy_flatten, _lazy_unflatten)
@@ -199,7 +209,7 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
     a, scale = f.a, f.scale
     if not isinstance(scale, int | float):
         a, scale = a * scale, 1.0
-    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path)
+    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path, f.dropout)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -399,7 +409,7 @@ def _dot_general(ctx: _Ctx, eqn, invals):
     first, second = (a, b) if plan.a_first else (b, a)
     h = ctx.prefused.pop(id(eqn), None)
     if h is None:
-        h = _first_product(plan, first)
+        h = _first_product(_dropped(ctx, plan), first)
     h = h * jnp.asarray(k.scale, h.dtype)
     if plan.a_first:
         spec = (
@@ -417,6 +427,17 @@ def _dot_general(ctx: _Ctx, eqn, invals):
         y = (y * _broadcast(k.c, plan.lc, plan.out)).astype(base.dtype)
     ctx.hit(k.path, eqn)
     return [y]
+
+
+def _dropped(ctx: _Ctx, plan: _Plan) -> _Plan:
+    """The plan with PEFT's ``lora_dropout`` applied to the low-rank branch's input."""
+    rate = plan.k.dropout
+    if not rate or ctx.rng is None:
+        return plan  # exactly the undropped branch: no mask is drawn at all
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(ctx.dropout_key(), keep, plan.x.shape)
+    x = jnp.where(mask, plan.x / jnp.asarray(keep, plan.x.dtype), jnp.zeros((), plan.x.dtype))
+    return plan._replace(x=x)
 
 
 def _fusion_key(plan: _Plan) -> tuple | None:
@@ -593,55 +614,124 @@ def _closed_call(ctx, eqn, invals):
 def _remat(ctx, eqn, invals):
     jaxpr = eqn.params["jaxpr"]
 
+    # A lazy kernel leaves the body as a lazy value (its W, A, B are outputs of the
+    # checkpoint): nnx.remat returns the module's state, kernels included, unchanged, and
+    # materialising W + ΔW there would cost a merge per call, or an AdaptError when strict.
     def body(*vals):
-        return _plain(ctx, _eval(ctx, jaxpr, (), vals), "remat output", eqn)
+        return _eval(ctx, jaxpr, (), vals)
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
     return fn(*invals)
+
+
+def _passed_through(jaxpr, i: int) -> int | None:
+    """The input position that output ``i`` of ``jaxpr`` returns unchanged, or None."""
+    v = jaxpr.outvars[i]
+    if isinstance(v, jex.core.Literal):
+        return None
+    return next((j for j, u in enumerate(jaxpr.invars) if u is v), None)
 
 
 def _cond(ctx, eqn, invals):
     index, *ops = invals
     if isinstance(index, _Lazy):
         return None
+    branches = eqn.params["branches"]
+    # An output every branch returns as the same lazy operand is that operand: it stays
+    # lazy instead of being merged (and a merge it would be dropped by the caller anyway).
+    n_out = len(branches[0].jaxpr.outvars)
+    through: dict[int, int] = {}
+    for i in range(n_out):
+        src = {_passed_through(br.jaxpr, i) for br in branches}
+        (j,) = src if len(src) == 1 else (None,)
+        if j is not None and isinstance(ops[j], _Lazy):
+            through[i] = j
+    rest = [i for i in range(n_out) if i not in through]
 
     def branch(closed):
         def f(*vals):
-            return _plain(ctx, _eval(ctx, closed.jaxpr, closed.consts, vals), "cond output", eqn)
+            outs = _eval(ctx, closed.jaxpr, closed.consts, vals)
+            return _plain(ctx, [outs[i] for i in rest], "cond output", eqn)
 
         return f
 
-    return lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops)
+    computed = lax.switch(index, [branch(br) for br in branches], *ops)
+    outs = dict(zip(rest, computed))
+    outs.update({i: ops[j] for i, j in through.items()})
+    return [outs[i] for i in range(n_out)]
 
 
 def _scan(ctx, eqn, invals):
     p = eqn.params
     nc, ncarry = p["num_consts"], p["num_carry"]
+    closed = p["jaxpr"]
+    jaxpr = closed.jaxpr
+    # A carry the body returns unchanged is loop-invariant, and a ``ys`` output that is the
+    # body's own slice of a stacked ``xs`` kernel re-stacks to that kernel: both leave the
+    # scan as the lazy value they entered as, rather than merged.
+    fixed = {
+        c
+        for c in range(ncarry)
+        if isinstance(invals[nc + c], _Lazy) and _passed_through(jaxpr, c) == nc + c
+    }
     consts = invals[:nc]
-    init = _plain(ctx, invals[nc : nc + ncarry], "scan carry", eqn)
+    init = [
+        x if c in fixed else _plain(ctx, [x], "scan carry", eqn)[0]
+        for c, x in enumerate(invals[nc : nc + ncarry])
+    ]
     xs = [
         ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
         if isinstance(x, _Lazy) and x.roles[0] != STACK
         else x
         for x in invals[nc + ncarry :]
     ]
+    n_ys = len(jaxpr.outvars) - ncarry
+    ys_from: dict[int, int] = {}
+    for y in range(n_ys):
+        src = _passed_through(jaxpr, ncarry + y)
+        if src is not None and src >= nc + ncarry and isinstance(xs[src - nc - ncarry], _Lazy):
+            ys_from[y] = src - nc - ncarry
+    loop_carry = [c for c in range(ncarry) if c not in fixed]
+    loop_ys = [y for y in range(n_ys) if y not in ys_from]
     # a lazy kernel travels as its children, sliced along the leading stack axis together
     packed = [_lazy_flatten(x)[0] if isinstance(x, _Lazy) else x for x in xs]
-    closed = p["jaxpr"]
+    outer_rng = ctx.rng
+    if outer_rng is not None:  # each step draws its own dropout masks
+        scan_key = ctx.dropout_key()
+        packed.append(jnp.arange(p["length"]))
 
     def body(carry, sliced):
+        if outer_rng is not None:
+            *sliced, step = sliced
+            ctx.rng = jax.random.fold_in(scan_key, step)
         vals = [
-            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path) if isinstance(x, _Lazy) else s
+            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path, dropout=x.dropout)
+            if isinstance(x, _Lazy)
+            else s
             for x, s in zip(xs, sliced)
         ]
-        outs = _eval(ctx, closed.jaxpr, closed.consts, [*consts, *carry, *vals])
+        full_carry = dict(zip(loop_carry, carry))
+        full_carry.update({c: init[c] for c in fixed})
+        args = [*consts, *(full_carry[c] for c in range(ncarry)), *vals]
+        outs = _eval(ctx, jaxpr, closed.consts, args)
+        outs = [outs[c] for c in loop_carry] + [outs[ncarry + y] for y in loop_ys]
         outs = _plain(ctx, outs, "scan output", eqn)
-        return outs[:ncarry], outs[ncarry:]
+        ctx.rng = outer_rng
+        return outs[: len(loop_carry)], outs[len(loop_carry) :]
 
     carry, ys = lax.scan(
-        body, init, packed, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        body,
+        [init[c] for c in loop_carry],
+        packed,
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
     )
-    return [*carry, *ys]
+    carry_out = dict(zip(loop_carry, carry))
+    carry_out.update({c: init[c] for c in fixed})
+    ys_out = dict(zip(loop_ys, ys))
+    ys_out.update({y: xs[i] for y, i in ys_from.items()})
+    return [*(carry_out[c] for c in range(ncarry)), *(ys_out[y] for y in range(n_ys))]
 
 
 def _prim(*names: str):
@@ -711,7 +801,10 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
 
     Returns:
       The adapted function. Its ``last_report`` attribute holds the :class:`AdaptReport` of
-      the most recent call (see also :func:`adapt_report`).
+      the most recent call (see also :func:`adapt_report`). It also takes a keyword-only
+      ``dropout_rng``: a PRNG key for the low-rank dropout of adapters made with
+      ``dropout > 0`` (PEFT's ``lora_dropout``: ``x@W + s·(dropout(x)@A)@B``, one mask per
+      kernel use and scan step). Without it (evaluation) nothing is dropped, bit for bit.
 
     Raises:
       AdaptError: With ``strict=True``, naming the kernel and the primitive.
@@ -727,6 +820,11 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
       >>> bool(jnp.allclose(jl.adapt(f)(params, adapters, x), f(jl.merge(params, adapters), x)))
       True
       >>> grads = jax.grad(jl.adapt(f), argnums=1)(params, adapters, x)
+
+      With low-rank dropout, training passes a fresh key per step:
+
+      >>> dropped = jl.lora(rank=2, targets=".*kernel", dropout=0.1).init(jax.random.key(0), params)
+      >>> train_loss = jl.adapt(f)(params, dropped, x, dropout_rng=jax.random.key(1))
     """
     cache: collections.OrderedDict = collections.OrderedDict()
 
@@ -753,10 +851,10 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
         return entry
 
     @functools.wraps(fn)
-    def adapted(params, adapters, *args, **kwargs):
+    def adapted(params, adapters, *args, dropout_rng=None, **kwargs):
         nodes = adapter_nodes(adapters)
         shared = shared_state(adapters)
-        ctx = _Ctx(strict, tuple(nodes), fuse)
+        ctx = _Ctx(strict, tuple(nodes), fuse, dropout_rng)
         # Check targeted params leaves first, substituting fully trained copies for their
         # base leaves: a mismatch must be reported as such, not as whatever shape error
         # tracing fn on the wrong params would raise.

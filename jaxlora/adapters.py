@@ -70,6 +70,9 @@ class Factors(NamedTuple):
     b: jax.Array
     scale: float | jax.Array
     col_scale: jax.Array | None = None
+    dropout: float = 0.0
+    """Dropout rate on the low-rank branch's input (PEFT's ``lora_dropout``), applied by
+    :func:`jaxlora.adapt` when it is given a ``dropout_rng``; never by ``merge``."""
 
 
 class Adapter(abc.ABC):
@@ -418,6 +421,9 @@ class Method(NamedTuple):
     ``init(key, params)`` reads only shapes and dtypes of ``params`` (it works under
     ``jax.eval_shape`` and ``jax.jit(..., out_shardings=...)``) and returns the adapters
     tree. Use :meth:`prepare` to start training: it also returns the base to train with.
+    The library's methods also take ``init(key, params, like=(fn, *args))``, which reads
+    the axes of kernels whose target gives none off how ``fn`` uses them
+    (:func:`jaxlora.infer_targets`).
     """
 
     name: str
@@ -428,11 +434,12 @@ class Method(NamedTuple):
     """Whether the adapters take over part of the base, so that training must start from
     the residual ``unmerge(params, adapters)`` (PiSSA)."""
 
-    def prepare(self, key: jax.Array, params: Any) -> tuple[Any, dict[str, Any]]:
+    def prepare(self, key: jax.Array, params: Any, like: Any = None) -> tuple[Any, dict[str, Any]]:
         """``(base, adapters)`` to train with; ``merge(base, adapters)`` equals ``params``.
 
         For most methods ``base`` is ``params``; for one that moves part of each kernel into
         its adapter (PiSSA) it is the residual. ``init`` alone does not give it.
+        ``like=(fn, *args)`` is passed to ``init`` (kernel axes from use).
 
         Examples:
           >>> import jax, jax.numpy as jnp, jaxlora as jl
@@ -443,7 +450,7 @@ class Method(NamedTuple):
           >>> bool(jnp.allclose(back, params["dense"]["kernel"], atol=1e-5))
           True
         """
-        adapters = self.init(key, params)
+        adapters = self.init(key, params) if like is None else self.init(key, params, like=like)
         return (unmerge(params, adapters) if self.replaces_base else params), adapters
 
 
@@ -470,11 +477,11 @@ def compose(*methods: Method) -> Method:
     if not methods:
         raise ValueError("compose needs at least one method")
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
+    def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         owner: dict[str, str] = {}
         for method, k in zip(methods, jax.random.split(key, len(methods))):
-            tree = method.init(k, params)
+            tree = method.init(k, params) if like is None else method.init(k, params, like=like)
             paths = [*adapter_nodes(tree), *full_leaves(tree)]
             clash = sorted(p for p in paths if p in owner)
             if clash:

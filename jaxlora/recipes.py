@@ -57,13 +57,18 @@ class Recipe:
     """Whether the optimizer also moves the base kernels (Delta-LoRA), so that a checkpoint
     must store them (``jl.CheckpointManager(..., store_base=recipe.moves_base)``)."""
 
-    def init(self, key: Any, params: Any) -> dict[str, Any]:
-        """The adapters tree (use :meth:`prepare` to start training: PiSSA needs its base)."""
-        return self.method.init(key, params)
+    def init(self, key: Any, params: Any, like: Any = None) -> dict[str, Any]:
+        """The adapters tree (use :meth:`prepare` to start training: PiSSA needs its base).
 
-    def prepare(self, key: Any, params: Any) -> tuple[Any, dict[str, Any]]:
+        ``like=(fn, *args)`` infers kernel axes from use (:func:`jaxlora.infer_targets`).
+        """
+        if like is None:
+            return self.method.init(key, params)
+        return self.method.init(key, params, like=like)
+
+    def prepare(self, key: Any, params: Any, like: Any = None) -> tuple[Any, dict[str, Any]]:
         """``(base_params, adapters)`` to train with; see :meth:`jaxlora.Method.prepare`."""
-        return self.method.prepare(key, params)
+        return self.method.prepare(key, params, like=like)
 
     def optimizer(
         self, make: OptimizerFn = optax.adamw, *, learning_rate: Any, **kwargs: Any

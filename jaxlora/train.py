@@ -27,7 +27,7 @@ from jaxlora.adapt import adapt
 from jaxlora.adapters import FROZEN, labels
 from jaxlora.optim import move_base
 
-__all__ = ["train_step"]
+__all__ = ["train_step", "trainable"]
 
 
 def split_trainable(tree: Any, adapters: Any) -> tuple[Any, Any]:
@@ -46,6 +46,42 @@ def join_trainable(trainable: Any, frozen: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
     )
+
+
+def trainable(adapters: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The trainable view of an adapters tree: what to differentiate, and how to put it back.
+
+    ``jax.grad`` takes real-valued inputs only, and an adapters tree may also hold frozen
+    state that is not: VeRA's shared PRNG key is ``uint32`` key data (an array leaf, so that
+    a checkpoint can store the key instead of the random matrices, and ``init`` stays
+    jittable), so ``jax.grad(loss)(adapters)`` on a VeRA tree fails with JAX's
+    ``grad requires real- or complex-valued inputs``. Differentiate the trainable view
+    instead: it holds the trainable arrays with ``None`` at every frozen one (so their
+    gradients are not even computed), and ``rebuild`` puts the frozen arrays back.
+    (``jax.grad(..., allow_int=True)`` over the whole tree also works, and computes
+    gradients for the frozen float arrays too.)
+
+    Args:
+      adapters: An adapters tree from a method's ``init``.
+
+    Returns:
+      ``(view, rebuild)``: the tree with ``None`` at frozen arrays, and
+      ``rebuild(view_like) -> adapters`` for any tree shaped like ``view`` (e.g. its
+      gradient, or an updated copy).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.vera(rank=2, targets=".*kernel").init(jax.random.key(0), params)
+      >>> loss = lambda ad: jl.adapt(lambda p: jnp.sum(jnp.ones((1, 4)) @ p["w"]["kernel"]))(
+      ...     params, ad)
+      >>> view, rebuild = jl.trainable(adapters)
+      >>> grads = jax.grad(lambda v: loss(rebuild(v)))(view)
+      >>> [x.shape for x in jax.tree_util.tree_leaves(grads)]  # d (r,) and b (d_out,)
+      [(2,), (3,)]
+    """
+    view, frozen = split_trainable(adapters, adapters)
+    return view, lambda v: join_trainable(v, frozen)
 
 
 def train_step(

@@ -118,7 +118,9 @@ def build_cases(
         Case("input-only", jax.jit(input_only), (params, data)),
     ]
     for label, targets in [("attention", ATTENTION), ("all-linear", "all-linear")]:
-        ad = jl.lora(rank=rank, alpha=16, targets=targets).init(jax.random.key(2), params)
+        # kernel axes from use: scanned layers are (L, d_in, d_out), which shapes alone leave open
+        method = jl.lora(rank=rank, alpha=16, targets=targets)
+        ad = method.init(jax.random.key(2), params, like=(loss, data))
         tx = jl.optimizer(adam)
 
         def merged_step(params, adapters, opt_state, batch, tx=tx):

@@ -35,6 +35,7 @@ import jaxlora as jl
 from jaxlora import profiling
 from jaxlora import sharding as sh
 from jaxlora.models import llama
+from jaxlora.targets import stacked
 
 MESHES = {
     "dp": ({"data": 8}, "dp", ("fsdp",)),
@@ -50,7 +51,8 @@ def counts(config, mesh_shape, preset, gather, batch, seq):
     init = functools.partial(llama.init_params, config=config)
     shapes = jax.eval_shape(init, jax.random.key(0))
     psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
-    method = jl.lora(rank=8, targets="all-linear")
+    # a scanned model's kernels are (L, d_in, d_out): their stack axis is said, not guessed
+    method = jl.lora(rank=8, targets=stacked("all-linear") if config.scan_layers else "all-linear")
     adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
     ash = sh.adapter_shardings(adapters, psh)
     tx = jl.optimizer(optax.adamw(1e-4))

@@ -55,11 +55,11 @@ def method_kwargs(name: str, *, rank: int = RANK, vera_rank: int = VERA_RANK) ->
     return kw
 
 
-def expected_trainable(name: str, params: Any, kw: dict[str, Any]) -> int:
+def expected_trainable(name: str, params: Any, kw: dict[str, Any], like: Any = None) -> int:
     """The closed-form trainable-parameter count of ``name`` on ``params``."""
     r = kw["rank"]
     total = 0
-    for lay in select(params, kw["targets"]).values():
+    for lay in select(params, kw["targets"], like).values():
         d_in, d_out = lay.d_in, lay.d_out
         per = {
             "lora_fa": r * d_out,
@@ -90,7 +90,9 @@ def compare(
     for name in names:
         mkw = method_kwargs(name, **kw)
         recipe = jl.recipe(name, **mkw)
-        base, adapters = recipe.prepare(jax.random.key(2), params)
+        # kernel axes from use: scanned layers are (L, d_in, d_out), which shapes leave open
+        like = (loss, data)
+        base, adapters = recipe.prepare(jax.random.key(2), params, like=like)
         tx = recipe.optimizer(optax.adam, learning_rate=1e-4)
         step = jl.train_step(loss, tx)
         state = tx.init(adapters)
@@ -98,7 +100,7 @@ def compare(
             dict(
                 method=name,
                 trainable=jl.num_trainable(adapters),
-                expected=expected_trainable(name, params, mkw),
+                expected=expected_trainable(name, params, mkw, like),
                 cost=compiled_cost(step, base, adapters, state, data),
                 rank=mkw["rank"],
             )

@@ -116,3 +116,39 @@ def torch_forward(model, ids: np.ndarray, mask: np.ndarray | None = None):
     with torch.no_grad():
         kwargs = {"attention_mask": torch.from_numpy(mask).long()} if mask is not None else {}
         return model(input_ids=torch.from_numpy(ids).long(), **kwargs)
+
+
+_TUNIX_LLAMA3 = []
+
+
+def tunix_llama3():
+    """Tunix's NNX Llama 3 model module (``tunix/models/llama3/model.py``), a third-party model.
+
+    ``google-tunix`` is installed ``--no-deps`` (requirements-assets.txt): its top-level
+    package and its ``tunix.models.llama3`` package import its trainers and checkpoint
+    loaders (grain, datasets, metrax, ...), which the model file never uses. So the parent
+    packages are registered as bare namespaces just long enough to execute the model file,
+    then removed again, so no other code sees a half-imported ``tunix``.
+    """
+    if _TUNIX_LLAMA3:
+        return _TUNIX_LLAMA3[0]
+    import importlib
+    import sys
+    import types
+
+    model_file = require_asset("tunix")
+    root = model_file.parents[2]
+    stubs = [("tunix", root), ("tunix.models", root / "models")]
+    stubs.append(("tunix.models.llama3", root / "models" / "llama3"))
+    assert not any(name in sys.modules for name, _ in stubs)
+    try:
+        for name, where in stubs:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(where)]
+            sys.modules[name] = mod
+        module = importlib.import_module("tunix.models.llama3.model")
+    finally:
+        for name in [n for n in sys.modules if n == "tunix" or n.startswith("tunix.")]:
+            del sys.modules[name]
+    _TUNIX_LLAMA3.append(module)
+    return module

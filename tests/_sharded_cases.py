@@ -25,6 +25,7 @@ from jaxlora import distributed, profiling
 from jaxlora import sharding as sh
 from jaxlora.adapters import SHARED_KEY, adapter_nodes
 from jaxlora.models import llama
+from jaxlora.targets import stacked
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() != 8,
@@ -96,8 +97,10 @@ def _batches():
     return [ids] * STEPS
 
 
-def _spec(name):
-    return jl.recipe(name, targets="all-linear", **METHODS[name])
+def _spec(name, scan):
+    # a scanned model's kernels are (L, d_in, d_out): their stack axis is said, not guessed
+    targets = stacked("all-linear") if scan else "all-linear"
+    return jl.recipe(name, targets=targets, **METHODS[name])
 
 
 def _init_params(config):
@@ -108,7 +111,7 @@ def _init_params(config):
 def _reference(name: str, scan: bool):
     """Losses, adapters and base params after STEPS unsharded steps on one device."""
     config = _config(scan)
-    spec = _spec(name)
+    spec = _spec(name, scan)
     # jitted: eager init would compile dozens of tiny programs
     params = jax.jit(_init_params(config))(jax.random.key(0))
     adapters = jax.jit(spec.init)(jax.random.key(1), params)
@@ -124,7 +127,7 @@ def _reference(name: str, scan: bool):
 
 def _sharded(name: str, preset: str, scan: bool):
     config = _config(scan)
-    spec = _spec(name)
+    spec = _spec(name, scan)
     mesh = sh.make_mesh(MESHES[preset])
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
     psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
@@ -229,7 +232,7 @@ def test_fsdp_gathers_each_frozen_kernel_once(scan):
     mesh = sh.make_mesh(MESHES["fsdp"])
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
     psh = sh.param_shardings(shapes, llama.partition_rules("fsdp"), mesh)
-    method = jl.lora(rank=4, targets="all-linear")
+    method = jl.lora(rank=4, targets=stacked("all-linear") if scan else "all-linear")
     adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
     ash = sh.adapter_shardings(adapters, psh)
     tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))

@@ -37,7 +37,7 @@ def main() -> None:
     import jaxlora as jl
     from jaxlora import sharding as sh
     from jaxlora.models import llama
-    from jaxlora.targets import path_str
+    from jaxlora.targets import path_str, stacked
 
     config = llama.LlamaConfig(
         vocab_size=64,
@@ -58,7 +58,9 @@ def main() -> None:
     psh = sh.param_shardings(shapes, llama.partition_rules(args.preset), mesh)
     # no arguments: a process-local key cannot feed a computation spanning all processes
     params = jax.jit(lambda: init_params(jax.random.key(0)), out_shardings=psh)()
-    method = jl.lora(rank=4, alpha=8.0, targets="all-linear")
+    method = jl.lora(
+        rank=4, alpha=8.0, targets=stacked("all-linear") if args.scan else "all-linear"
+    )
     adapters = sh.init_adapters(method, jax.random.key(1), params, psh)
     ash = sh.adapter_shardings(adapters, psh)
     tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _model_fixtures import tunix_llama3
 from flax import nnx
 from jl_testing import check_against_merged, randomize
 
@@ -15,8 +16,12 @@ import jaxlora as jl
 KEY = jax.random.key(0)
 
 
-def _lora(params, targets, rank=3, **kw):
-    ad = jl.lora(rank=rank, alpha=6.0, targets=targets, **kw).init(jax.random.key(1), params)
+STACK = jl.Target(r"stack/kernel", stack_axes=(0,))
+
+
+def _lora(params, targets, rank=3, like=None, **kw):
+    method = jl.lora(rank=rank, alpha=6.0, targets=targets, **kw)
+    ad = method.init(jax.random.key(1), params, like=like)
     return randomize(ad, jax.random.key(2))
 
 
@@ -46,7 +51,7 @@ def _plain_fn(p, x):
 
 def test_plain_jax_matches_merged_and_is_fast():
     params = _plain_params()
-    ad = _lora(params, [r"w\d/kernel", r"stack/kernel"])
+    ad = _lora(params, [r"w\d/kernel", STACK])
     report = check_against_merged(_plain_fn, params, ad, jax.random.normal(KEY, (5, 8)))
     assert report.all_fast, report
     assert report.fast["w2/kernel"] == 3
@@ -150,9 +155,10 @@ def test_linen_scan_remat_stacked_kernels():
     x = jax.random.normal(KEY, (4, 8))
     params = model.init(KEY, x)["params"]
     assert params["layers"]["up"]["kernel"].shape == (3, 8, 16)
-    ad = _lora(params, r"layers/.*/kernel")
+    fn = lambda p, x: model.apply({"params": p}, x)
+    ad = _lora(params, r"layers/.*/kernel", like=(fn, x))  # (3, d_in, d_out): axes from use
     assert ad["layers"]["up"]["kernel"].a.shape == (3, 8, 3)
-    report = check_against_merged(lambda p, x: model.apply({"params": p}, x), params, ad, x)
+    report = check_against_merged(fn, params, ad, x)
     assert report.all_fast and set(report.fast) == {"layers/up/kernel", "layers/down/kernel"}
 
 
@@ -256,3 +262,98 @@ def _all_eqns(jaxpr):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from _all_eqns(inner)
+
+
+# ----------------------------------------------------------------------------- pass-through
+
+
+class _RematBlock(nnx.Module):
+    def __init__(self, rngs, calls=1):
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+        self.calls = calls
+
+    def __call__(self, x):
+        for _ in range(self.calls):  # nnx.remat returns the module state, kernel included
+            x = nnx.remat(lambda m, x: jnp.tanh(m.fc(x)))(self, x)
+        return x
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_nnx_remat_returns_kernel_unmerged(calls):
+    graphdef, state = nnx.split(_RematBlock(nnx.Rngs(0), calls))
+    ad = _lora(state, "fc/kernel", rank=2)
+
+    def fn(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    x = jax.random.normal(KEY, (4, 8))
+    report = check_against_merged(fn, state, ad, x)  # strict=True: a merge would raise
+    assert report.merged == {} and report.fast == {"fc/kernel": calls}
+
+
+def test_checkpoint_cond_scan_pass_a_kernel_through_lazily():
+    params = _plain_params()
+    ad = _lora(params, [r"w1/kernel", STACK])
+
+    def fn(p, x, flag):
+        w, stack = p["w1"]["kernel"], p["stack"]["kernel"]
+        y, w = jax.checkpoint(lambda w, x: (jnp.tanh(x @ w), w))(w, x)
+        # every branch returns the kernel it was given
+        y, w = jax.lax.cond(flag, lambda w, y: (y @ w.T, w), lambda w, y: (-(y @ w.T), w), w, y)
+
+        def step(c, s):  # a loop-invariant carry, and ys that are the body's own slice
+            h, w = c
+            return (jnp.tanh(h @ s), w), s
+
+        (y, w), restacked = jax.lax.scan(step, (y, w), stack)
+        _, again = jax.lax.scan(lambda h, s: (h @ s, s), y, restacked, reverse=True)
+        return jnp.tanh(y @ w).sum() + jnp.einsum("bi,lij->lbj", y, again).sum()
+
+    x = jax.random.normal(KEY, (4, 8))
+    for flag in (True, False):
+        report = check_against_merged(fn, params, ad, x, jnp.bool_(flag))
+        assert report.merged == {}
+        # w1: checkpoint, one per cond branch, the last matmul; stack: both scans, einsum
+        assert report.fast == {"w1/kernel": 4, "stack/kernel": 3}
+
+
+# ----------------------------------------------------------------------------- third party
+
+
+# Tunix 0.1.7 uses several APIs that flax 0.12 and jax 0.10 deprecate (Param ``sharding=``
+# metadata, ``pxla.thread_resources``, ``Variable.value``); they are its warnings, not ours.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("remat", ["BLOCK", "DECODER"])
+def test_tunix_llama3_with_remat_is_all_fast(remat):
+    tunix = tunix_llama3()
+    cfg = tunix.ModelConfig(
+        num_layers=2,
+        vocab_size=32,
+        embed_dim=16,
+        hidden_dim=24,
+        num_heads=4,
+        head_dim=4,
+        num_kv_heads=2,
+        rope_theta=10_000,
+        norm_eps=1e-5,
+        remat_config=tunix.RematConfig[remat],
+    )
+    graphdef, state = nnx.split(tunix.Llama3(cfg, rngs=nnx.Rngs(0)))
+    state = randomize(state, jax.random.key(3), scale=0.3)  # its MLP kernels start at zero
+    # Tunix's projections are einsum kernels (D, N, H) and (N, H, D)
+    targets = [
+        jl.Target(r".*attn/(q|k|v)_proj/w", in_axes=(0,), out_axes=(1, 2)),
+        jl.Target(r".*attn/o_proj/w", in_axes=(0, 1), out_axes=(2,)),
+        jl.Target(r".*mlp/(gate|up|down)_proj/kernel"),
+    ]
+    ad = _lora(state, targets, rank=2)
+    tokens = jax.random.randint(KEY, (2, 5), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None].repeat(2, 0)
+
+    def fn(st, tokens):
+        logits, _ = nnx.merge(graphdef, st)(tokens, positions, None, mask)
+        return logits
+
+    report = check_against_merged(fn, state, ad, tokens)  # strict: any merge raises
+    assert report.merged == {} and report.all_fast and len(report.fast) == 2 * 7

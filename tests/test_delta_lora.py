@@ -22,7 +22,8 @@ BATCH = {
     "x": jax.random.normal(jax.random.key(2), (5, 6)),
     "y": jax.random.normal(jax.random.key(3), (2, 5, 3)),
 }
-TARGETS = ".*kernel"
+# the stacked kernel's leading axis is said: a 3-D shape alone is ambiguous
+TARGETS = [r"q/kernel", jl.Target(r"s/kernel", stack_axes=(0,))]
 LR, LAM, K, STEPS = 0.2, 0.5, 2, 5
 
 

@@ -16,7 +16,11 @@ PARAMS = {
     "s": {"kernel": jax.random.normal(jax.random.key(1), (3, 6, 4))},  # stacked
     "o": {"kernel": jax.random.normal(jax.random.key(2), (2, 3, 4))},  # (heads, k) -> d
 }
-TARGETS = [jl.Target("q/kernel"), jl.Target("s/kernel"), jl.Target("o/kernel", in_axes=(0, 1))]
+TARGETS = [
+    jl.Target("q/kernel"),
+    jl.Target("s/kernel", stack_axes=(0,)),
+    jl.Target("o/kernel", in_axes=(0, 1)),
+]
 
 
 def _dora(randomize=True):

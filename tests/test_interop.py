@@ -19,6 +19,7 @@ from jl_testing import randomize
 
 import jaxlora as jl
 from jaxlora.models import bert, llama, loaders
+from jaxlora.targets import stacked
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -125,10 +126,13 @@ def _assert_same_adapters(got, want, exact_shared_key=True):
 def test_export_scanned_llama(tmp_root, tmp_path):
     model, config, params = load_llama(tmp_root, scan=True)
     assert params["layers"]["attn"]["q_proj"]["kernel"].ndim == 3
-    adapters = randomize(METHODS["lora"]().init(jax.random.key(0), params), jax.random.key(1))
+    ids, mask = random_batch(1, config.vocab_size)
+    # the (L, d_in, d_out) kernels' axes are read off the model's use of them
+    like = (functools.partial(llama.apply, config=config), ids)
+    adapters = METHODS["lora"]().init(jax.random.key(0), params, like=like)
+    adapters = randomize(adapters, jax.random.key(1))
     names = jl.hf_module_names(config)
     out = jl.export_peft(tmp_path / "peft", adapters, names)
-    ids, mask = random_batch(1, config.vocab_size)
     expected = torch_forward(peft_load(model, out), ids, mask).logits.numpy()
     assert_close_on_real_tokens(llama_logits(params, adapters, config, ids, mask), expected, mask)
     _assert_same_adapters(jl.import_peft(out, params, names), adapters)
@@ -278,7 +282,8 @@ def test_merged_export_bert_and_scanned_llama(tmp_root, tmp_path):
     np.testing.assert_allclose(got[mask.astype(bool)], expected[mask.astype(bool)], **TOL)
 
     _, config, params = load_llama(tmp_root, scan=True)
-    adapters = randomize(METHODS["lora"]().init(jax.random.key(0), params), jax.random.key(1))
+    method = jl.lora(rank=4, alpha=8.0, targets=stacked(ATTN_MLP))  # (L, d_in, d_out) kernels
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
     out = jl.export_merged(tmp_path / "llama", params, adapters, config)
     back = loaders.load_llama_safetensors(out)[1]
     merged = jl.merge(params, adapters)

@@ -10,6 +10,7 @@ table (``scripts/compare_methods.py``) is asserted at the bottom.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ PARAMS = {
 }
 TARGETS = [
     jl.Target(r"inp/kernel"),
-    jl.Target(r"layers/kernel"),
+    jl.Target(r"layers/kernel", stack_axes=(0,)),
     jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)),
 ]
 BATCH = {
@@ -224,10 +225,12 @@ def test_llama_takes_the_fast_path_for_every_factor_form():
         config = dataclasses.replace(compare_methods.QUICK_CONFIG, scan_layers=scan)
         params = jax.eval_shape(lambda k, c=config: llama.init_params(k, c), jax.random.key(0))
         ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        fn = functools.partial(llama.apply, config=config)
         for name in ("lora", "vera", "dora"):
             recipe = jl.recipe(name, **compare_methods.method_kwargs(name, vera_rank=8))
-            adapters = jax.eval_shape(recipe.init, jax.random.key(1), params)
-            report = jl.adapt_report(
-                lambda p, i, c=config: llama.apply(p, i, config=c), params, adapters, ids
-            )
+            # scanned kernels are (L, d_in, d_out): their axes are read off the model's use
+            like = (fn, ids)
+            init = lambda k, p, recipe=recipe, like=like: recipe.init(k, p, like=like)
+            adapters = jax.eval_shape(init, jax.random.key(1), params)
+            report = jl.adapt_report(fn, params, adapters, ids)
             assert report.all_fast, (name, scan, report)

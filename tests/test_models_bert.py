@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _model_fixtures import hf_bert, quiet_transformers, random_batch, require_asset, torch_forward
 
-from jaxlora.models import bert, loaders
+from jaxlora.models import _layers, bert, loaders
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,38 @@ def test_minilm_sentence_embeddings_match_transformers(minilm):
     similar, unrelated = got[0] @ got[1], got[0] @ got[2]
     print(f"cosine(similar)={similar:.3f} cosine(unrelated)={unrelated:.3f}")
     assert similar > unrelated + 0.3
+
+
+def test_dropout_is_hf_default_and_off_without_a_key(tiny):
+    _, config, params = tiny
+    assert (config.hidden_dropout, config.attention_dropout) == (0.1, 0.1)  # HF's defaults
+    ids, mask = random_batch(3, config.vocab_size, batch=2, seq=9)
+    run = jax.jit(bert.apply, static_argnames="config")
+    evaluation = np.asarray(run(params, ids, mask, config=config))
+    off = dataclasses.replace(config, hidden_dropout=0.0, attention_dropout=0.0)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(
+        np.asarray(run(params, ids, mask, config=off, dropout_rng=key)), evaluation
+    )
+    train = np.asarray(run(params, ids, mask, config=config, dropout_rng=key))
+    assert not np.allclose(train, evaluation, atol=1e-3)
+    np.testing.assert_array_equal(
+        np.asarray(run(params, ids, mask, config=config, dropout_rng=key)), train
+    )
+    other = np.asarray(run(params, ids, mask, config=config, dropout_rng=jax.random.key(1)))
+    assert not np.array_equal(other, train)
+    assert bert.BertConfig.from_hf_config(config.to_hf_config(), pooler=config.pooler) == config
+
+
+def test_attention_probability_dropout_path_matches_the_fused_kernel():
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (2, 5, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 5, 2, 8)) for kk in ks[1:])
+    mask = _layers.attention_mask_4d(jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), 5, causal=True)
+    fused = _layers.attention(q, k, v, mask)
+    np.testing.assert_allclose(
+        _layers.attention(q, k, v, mask, lambda p: p), fused, rtol=1e-5, atol=1e-6
+    )
+    # dropping every probability leaves nothing to attend to
+    zero = _layers.attention(q, k, v, mask, jnp.zeros_like)
+    np.testing.assert_array_equal(np.asarray(zero), 0.0)

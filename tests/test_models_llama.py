@@ -200,3 +200,24 @@ def test_partition_rule_presets(scan):
     assert all(all(e is None for e in s) for s in jax.tree_util.tree_leaves(dp))
     with pytest.raises(ValueError, match="unknown preset"):
         llama.partition_rules("zero3")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_attention_dropout_is_off_without_a_key(scan):
+    assert llama.LlamaConfig.from_hf_config({**_TINY.to_hf_config()}).attention_dropout == 0.0
+    config = dataclasses.replace(_TINY, scan_layers=scan, remat=scan)
+    params = llama.init_params(jax.random.key(0), config)
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, config.vocab_size)
+    run = jax.jit(llama.apply, static_argnames="config")
+    evaluation = np.asarray(run(params, ids, config=config))
+    key = jax.random.key(2)
+    # HF's default rate 0: a key changes nothing, bit for bit
+    np.testing.assert_array_equal(
+        np.asarray(run(params, ids, config=config, dropout_rng=key)), evaluation
+    )
+    dropping = dataclasses.replace(config, attention_dropout=0.5)
+    train = np.asarray(run(params, ids, config=dropping, dropout_rng=key))
+    assert not np.allclose(train, evaluation, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(run(params, ids, config=dropping)), evaluation)
+    rated = dataclasses.replace(_TINY, attention_dropout=0.5)
+    assert llama.LlamaConfig.from_hf_config(rated.to_hf_config()) == rated

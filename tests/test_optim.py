@@ -17,6 +17,8 @@ PARAMS = {
     "q": {"kernel": jnp.ones((16, 8))},
     "s": {"kernel": jnp.ones((2, 8, 4))},
 }
+# the stacked kernel's leading axis is said: a 3-D shape alone is ambiguous
+TARGETS = [r"q/kernel", jl.Target(r"s/kernel", stack_axes=(0,))]
 
 
 @register_adapter
@@ -34,7 +36,7 @@ class _FrozenA(Adapter):
 
 
 def _frozen_a_adapters():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     return jax.tree_util.tree_map(
         lambda n: _FrozenA(n.layout, n.a, n.b),
         ad,
@@ -47,7 +49,7 @@ def _state_bytes(state):
 
 
 def test_adam_state_is_two_moments_of_trainable_arrays_only():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     # r * (d_in + d_out) per kernel, stacked kernels counted per layer
     n = 2 * (16 + 8) + 2 * 2 * (8 + 4)
     assert jl.num_trainable(ad) == n
@@ -70,7 +72,7 @@ def test_frozen_arrays_never_move_and_others_follow_the_transform():
 
 
 def test_per_label_transforms():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     tx = jl.optimizer({"lora_a": optax.sgd(1.0), "lora_b": optax.sgd(3.0)})
     grads = jax.tree_util.tree_map(jnp.ones_like, ad)
     updates, _ = tx.update(grads, tx.init(ad), ad)
@@ -79,7 +81,7 @@ def test_per_label_transforms():
 
 
 def test_bad_label_mappings_are_clear_errors():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     with pytest.raises(ValueError, match=r"labelled 'lora_b'.*only has \['lora_a'\]"):
         jl.optimizer({"lora_a": optax.sgd(1.0)}).init(ad)
     with pytest.raises(ValueError, match="'frozen' is reserved"):
@@ -87,7 +89,7 @@ def test_bad_label_mappings_are_clear_errors():
 
 
 def test_labels_tree_matches_adapters_structure():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     lab = jl.labels(ad)
     assert jax.tree_util.tree_structure(lab) == jax.tree_util.tree_structure(ad)
     assert jax.tree_util.tree_leaves(lab) == ["lora_a", "lora_b"] * 2

@@ -13,7 +13,11 @@ PARAMS = {
     "s": {"kernel": jax.random.normal(jax.random.key(1), (2, 6, 8))},  # stacked
     "o": {"kernel": jax.random.normal(jax.random.key(2), (2, 3, 5))},  # (heads, k) -> d
 }
-TARGETS = [jl.Target("q/kernel"), jl.Target("s/kernel"), jl.Target("o/kernel", in_axes=(0, 1))]
+TARGETS = [
+    jl.Target("q/kernel"),
+    jl.Target("s/kernel", stack_axes=(0,)),
+    jl.Target("o/kernel", in_axes=(0, 1)),
+]
 
 
 def _top(w, r):  # numpy oracle: the best rank-r approximation

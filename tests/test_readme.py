@@ -23,3 +23,13 @@ def test_quickstart_runs():
     code = block.group(1)
     assert len(code.strip().splitlines()) <= 20
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+
+
+def test_targets_section_runs():
+    text = README.read_text()
+    block = re.search(r"## Targets: kernel axes from use\n.*?```python\n(.*?)```", text, re.S)
+    assert block is not None, "README has no targets python block"
+    scope = {"__name__": "readme"}
+    exec(compile(block.group(1), str(README), "exec"), scope)
+    node = scope["adapters"]["q"]
+    assert node.layout.stack_axes == (0,) and node.layout.out_axes == (2, 3)

@@ -30,7 +30,7 @@ from jaxlora.adapters import SHARED_KEY, Adapter, Factors, register_adapter
 from jaxlora.keypaths import nest
 from jaxlora.models import llama
 from jaxlora.sharding.step import _drop_axes
-from jaxlora.targets import Target, select
+from jaxlora.targets import Target, select, stacked
 
 HERE = pathlib.Path(__file__).parent
 MESH = AbstractMesh((2, 2, 2), sh.AXES)
@@ -114,13 +114,14 @@ def test_lora_factors_follow_their_kernel_axes():
 def test_vera_and_dora_vectors_follow_the_output_axis():
     params = {"w": {"kernel": jnp.zeros((2, 16, 16))}}  # square: shapes alone are ambiguous
     specs = {"w": {"kernel": P(None, "fsdp", "tensor")}}
-    vera = jax.eval_shape(jl.vera(rank=4, targets="w/kernel").init, jax.random.key(0), params)
+    target = Target("w/kernel", stack_axes=(0,))
+    vera = jax.eval_shape(jl.vera(rank=4, targets=target).init, jax.random.key(0), params)
     got = sh.adapter_specs(vera, specs)
     assert got["w"]["kernel"].d == P(None, None)
     assert got["w"]["kernel"].b == P(None, "tensor")
     shared = jax.tree_util.tree_leaves(got[SHARED_KEY], is_leaf=lambda x: isinstance(x, P))
     assert shared and all(s == P() for s in shared)
-    dora = jax.eval_shape(jl.dora(rank=4, targets="w/kernel").init, jax.random.key(0), params)
+    dora = jax.eval_shape(jl.dora(rank=4, targets=target).init, jax.random.key(0), params)
     assert sh.adapter_specs(dora, specs)["w"]["kernel"].m == P(None, "tensor")
 
 
@@ -155,7 +156,7 @@ class _Undeclared(_ThirdParty):
 
 def test_axes_declared_by_third_party_adapters():
     params = {"w": jnp.zeros((5, 8, 12)), "head": jnp.zeros((8, 12))}
-    (layout,) = select(params, "w").values()
+    (layout,) = select(params, Target("w", stack_axes=(0,))).values()
 
     def node(rank):
         return _ThirdParty(
@@ -182,7 +183,7 @@ def test_axes_declared_by_third_party_adapters():
     with pytest.raises(sh.ShardingError, match=r"_ThirdParty.a at 'w' has shape \(5, 7, 4\)"):
         sh.adapter_specs(nest({"w": bad}), specs)
     # fully trained copies (jl.full) take the base leaf's spec
-    full = jl.compose(jl.lora(rank=2, targets="w"), jl.full(targets="head"))
+    full = jl.compose(jl.lora(rank=2, targets=stacked("w")), jl.full(targets="head"))
     adapters = jax.eval_shape(full.init, jax.random.key(0), params)
     assert sh.adapter_specs(adapters, specs)["__full__"]["head"] == P(None, "data")
     with pytest.raises(sh.ShardingError, match="'w' has no base spec"):
@@ -196,7 +197,7 @@ def test_opt_state_follows_adapters_through_masks_and_labels():
     shapes = _shapes(scan=True)
     specs = sh.param_specs(shapes, llama.partition_rules("fsdp_tp"), MESH)
     adapters = jax.eval_shape(
-        jl.lora_fa(rank=4, targets="all-linear").init, jax.random.key(0), shapes
+        jl.lora_fa(rank=4, targets=stacked("all-linear")).init, jax.random.key(0), shapes
     )
     aspecs = sh.adapter_specs(adapters, specs)
     tx = jl.optimizer({"lora_b": optax.adam(1e-3)})  # A is frozen: masked, no state

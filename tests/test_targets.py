@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 import jaxlora as jl
-from jaxlora.targets import select
+from jaxlora.targets import module_targets, select
 
 PARAMS = {
     "embed": {"embedding": jnp.zeros((10, 8))},
@@ -28,10 +30,32 @@ def test_regex_selects_full_paths_only():
     assert sel["layers/0/attn/q_proj/kernel"].in_axes == (0,)
 
 
-def test_default_layout_treats_leading_axes_as_stacked():
-    lay = select(PARAMS, r"stacked/kernel")["stacked/kernel"]
+STACKED = jl.Target(r"stacked/kernel", stack_axes=(0,))
+OUT = jl.Target(r"out/kernel", in_axes=(0, 1))
+
+
+def test_stacked_layout_from_its_stack_axes():
+    lay = select(PARAMS, STACKED)["stacked/kernel"]
     assert (lay.stack_axes, lay.in_axes, lay.out_axes) == ((0,), (1,), (2,))
     assert (lay.num_stacked, lay.d_in, lay.d_out) == (3, 8, 4)
+
+
+@pytest.mark.parametrize("targets", [r"stacked/kernel", "all-linear", [r".*kernel"]])
+def test_a_kernel_of_three_axes_is_never_guessed(targets):
+    with pytest.raises(jl.TargetError) as err:
+        select(PARAMS, targets)
+    msg = str(err.value)
+    # leaves are visited in key order: 'out/kernel' (2, 4, 8) comes before 'stacked/kernel'
+    assert re.search(r"'(out|stacked)/kernel' with shape \((2, 4, 8|3, 8, 4)\)", msg)
+    assert "ambiguous" in msg
+    assert "stack_axes=(0,)" in msg and "like=(fn, *args)" in msg and "infer_targets" in msg
+
+
+def test_one_group_of_axes_given_the_other_is_the_rest():
+    lay = select(PARAMS, OUT)["out/kernel"]
+    assert (lay.stack_axes, lay.in_axes, lay.out_axes) == ((), (0, 1), (2,))
+    lay = select(PARAMS, jl.Target(r"out/kernel", out_axes=(1, 2)))["out/kernel"]
+    assert (lay.stack_axes, lay.in_axes, lay.out_axes) == ((), (0,), (1, 2))
 
 
 def test_dense_general_layout():
@@ -41,7 +65,7 @@ def test_dense_general_layout():
 
 
 def test_all_linear_preset_skips_embeddings_biases_and_head():
-    sel = select(PARAMS, "all-linear")
+    sel = select(PARAMS, [STACKED, OUT, "all-linear"])
     assert set(sel) == {
         "layers/0/attn/q_proj/kernel",
         "layers/1/attn/q_proj/kernel",
@@ -51,7 +75,7 @@ def test_all_linear_preset_skips_embeddings_biases_and_head():
 
 
 def test_first_matching_target_wins():
-    sel = select(PARAMS, [jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)), r".*kernel"])
+    sel = select(PARAMS, [OUT, STACKED, r".*kernel"])
     assert sel["out/kernel"].in_axes == (0, 1)
     assert sel["stacked/kernel"].in_axes == (1,)
 
@@ -76,11 +100,32 @@ def test_unsplittable_leaf_is_an_error():
 
 def test_rank_larger_than_kernel_is_an_error():
     with pytest.raises(jl.TargetError, match=r"rank 5 .* min\(8, 4\) .*'stacked/kernel'"):
-        jl.lora(rank=5, targets=r"stacked/kernel").init(jax.random.key(0), PARAMS)
+        jl.lora(rank=5, targets=STACKED).init(jax.random.key(0), PARAMS)
     with pytest.raises(jl.TargetError, match="positive integer"):
-        jl.lora(rank=0, targets=r"stacked/kernel").init(jax.random.key(0), PARAMS)
+        jl.lora(rank=0, targets=STACKED).init(jax.random.key(0), PARAMS)
 
 
 def test_selection_works_on_shapes_only():
     shapes = jax.eval_shape(lambda: PARAMS)
-    assert set(select(shapes, "all-linear")) == set(select(PARAMS, "all-linear"))
+    targets = [STACKED, OUT, "all-linear"]
+    assert select(shapes, targets) == select(PARAMS, targets)
+
+
+def test_peft_target_modules_are_module_names():
+    params = {
+        "layers": {
+            "0": {"q_proj": {"kernel": jnp.zeros((8, 8)), "bias": jnp.zeros((8,))}},
+            "1": {"q_proj": {"kernel": jnp.zeros((8, 8))}, "v_proj": {"w": jnp.zeros((8, 8))}},
+        },
+        "big_q_proj": {"kernel": jnp.zeros((8, 8))},  # another module's name ends in q_proj
+    }
+    got = select(params, module_targets(["q_proj", "v_proj"]))
+    assert list(got) == ["layers/0/q_proj/kernel", "layers/1/q_proj/kernel", "layers/1/v_proj/w"]
+    assert module_targets("all-linear") is jl.ALL_LINEAR
+    by_name = jl.lora(rank=2, target_modules=["q_proj"]).init(jax.random.key(0), params)
+    by_regex = jl.lora(rank=2, targets=r".*/q_proj/kernel").init(jax.random.key(0), params)
+    assert jax.tree_util.tree_structure(by_name) == jax.tree_util.tree_structure(by_regex)
+    with pytest.raises(jl.TargetError, match="module names such as"):
+        module_targets(["layers/.*"])
+    with pytest.raises(jl.TargetError, match="module names such as"):
+        jl.vera(target_modules=[])

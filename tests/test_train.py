@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jl_testing import randomize
-from test_optim import PARAMS, _frozen_a_adapters
+from test_optim import PARAMS, TARGETS, _frozen_a_adapters
 
 import jaxlora as jl
 
@@ -27,7 +27,7 @@ BATCH = {
 
 def test_sgd_step_equals_hand_computed_step_on_merged_gradient():
     ad = randomize(
-        jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS), jax.random.key(1)
+        jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS), jax.random.key(1)
     )
     lr = 0.3
     expect_grads = jax.grad(lambda a: _loss(jl.merge(PARAMS, a), BATCH))(ad)
@@ -62,7 +62,7 @@ def test_frozen_arrays_unchanged_and_not_differentiated():
 
 
 def test_step_traces_once_and_donates():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     tx = jl.optimizer(optax.adam(1e-2))
 
     @chex.assert_max_traces(n=1)
@@ -84,7 +84,7 @@ def test_step_traces_once_and_donates():
 
 
 def test_has_aux_metrics():
-    ad = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), PARAMS)
+    ad = jl.lora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     tx = jl.optimizer(optax.sgd(0.1))
 
     def loss(p, b):

@@ -18,7 +18,11 @@ PARAMS = {
     "s": {"kernel": jax.random.normal(jax.random.key(1), (3, 8, 24))},  # stacked
     "o": {"kernel": jax.random.normal(jax.random.key(2), (2, 4, 12))},  # (heads, k) -> d
 }
-TARGETS = [jl.Target("q/kernel"), jl.Target("s/kernel"), jl.Target("o/kernel", in_axes=(0, 1))]
+TARGETS = [
+    jl.Target("q/kernel"),
+    jl.Target("s/kernel", stack_axes=(0,)),
+    jl.Target("o/kernel", in_axes=(0, 1)),
+]
 
 
 def _vera(rank=6, seed=3):
@@ -99,6 +103,30 @@ def test_adapt_is_unmerged_and_matches_merge_for_stacked_kernels():
     )
 
 
+def test_the_whole_tree_is_differentiable_through_its_trainable_view():
+    ad = _randomized(_vera())
+
+    def fn(p, x):
+        h = x @ p["q"]["kernel"]
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w)[:, :8], None), h, p["s"]["kernel"])
+        return jnp.einsum("bhk,hkd->bd", h.reshape(-1, 2, 4), p["o"]["kernel"]).sum()
+
+    x = jax.random.normal(jax.random.key(5), (3, 16))
+    with pytest.raises(TypeError, match=r"real- or complex-valued inputs.*uint32"):
+        jax.grad(lambda a: jl.adapt(fn)(PARAMS, a, x))(ad)  # the key is uint32 key data
+    view, rebuild = jl.trainable(ad)
+    assert view["__shared__"]["vera"].key is None and view["__shared__"]["vera"].a is None
+    got = jax.grad(lambda v: jl.adapt(fn)(PARAMS, rebuild(v), x))(view)
+    want = jax.grad(lambda v: fn(jl.merge(PARAMS, rebuild(v)), x))(view)  # merged oracle
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(view)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # allow_int differentiates everything, the frozen matrices included; d and b agree
+    full = jax.grad(lambda a: jl.adapt(fn)(PARAMS, a, x), allow_int=True)(ad)
+    np.testing.assert_allclose(full["q"]["kernel"].b, got["q"]["kernel"].b, rtol=1e-5, atol=1e-6)
+    assert full["__shared__"]["vera"].key.dtype == jax.dtypes.float0
+
+
 def test_strip_and_restore_are_bit_identical_eager_and_jitted():
     ad = _vera(seed=11)
     small = strip_shared(ad)
@@ -149,3 +177,14 @@ def test_init_does_not_alias_the_callers_key():
     step = jl.train_step(lambda p, b: jnp.sum(b @ p["w"]["kernel"]), tx)  # donates adapters
     step(params, ad, tx.init(ad), jnp.ones((2, 8)))
     jax.random.normal(key, (2,))  # the caller's key is still alive
+
+
+def test_peft_argument_names_are_aliases():
+    a = jl.vera(rank=6, targets=TARGETS, d_initial=0.25).init(jax.random.key(3), PARAMS)
+    b = jl.vera(rank=6, targets=TARGETS, d_init=0.25).init(jax.random.key(3), PARAMS)
+    np.testing.assert_array_equal(a["q"]["kernel"].d, jnp.full((6,), 0.25))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(_vera()["q"]["kernel"].d, jnp.full((6,), 0.1))  # default
+    with pytest.raises(ValueError, match="not both"):
+        jl.vera(d_init=0.2, d_initial=0.3)

@@ -376,7 +376,13 @@ def import_peft(
     where = _module_index(module_names)
     per_module = _by_module(tensors, fmt, where, directory / WEIGHTS_NAME)
     by_path = _by_kernel(per_module, where)
-    specs = targets if targets is not None else [Target(re.escape(p)) for p in sorted(by_path)]
+    specs = targets
+    if specs is None:
+        # a kernel the map names layer by layer is stacked on its leading axis
+        layered = {p for p, names in module_names.items() if not isinstance(names, str)}
+        specs = [
+            Target(re.escape(p), stack_axes=(0,) if p in layered else None) for p in sorted(by_path)
+        ]
     layouts = select(params, specs)
     missing = sorted(set(by_path) - set(layouts))
     if missing:

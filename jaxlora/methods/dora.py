@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxlora import recipes
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.methods.lora import PEFT_FORMAT, canonical_kernel, init_lora, lora_scale
-from jaxlora.targets import KernelLayout, TargetsLike
+from jaxlora.targets import KernelLayout, TargetsLike, resolve_targets
 
 __all__ = ["DoraAdapter", "column_norm", "dora"]
 
@@ -97,6 +97,7 @@ def dora(
     targets: TargetsLike = "all-linear",
     rslora: bool = False,
     dtype: Any = jnp.float32,
+    target_modules: Any = None,
 ) -> Method:
     """DoRA: ``m · (W + s·A@B) / ||W + s·A@B||`` per output column; ``m``, ``A``, ``B`` train.
 
@@ -106,6 +107,7 @@ def dora(
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
       rslora: Scale by ``alpha/√r`` instead.
       dtype: dtype of the adapter arrays.
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"dora"``. Its ``init(key, params)`` reads the
@@ -135,7 +137,7 @@ def dora(
 
     init = functools.partial(
         init_lora,
-        targets=targets,
+        targets=resolve_targets(targets, target_modules),
         rank=rank,
         scale=scale,
         dtype=dtype,

@@ -46,8 +46,8 @@ def full(*, targets: TargetsLike = ".*") -> Method:
     """
     specs = tuple(Target(t.pattern, min_ndim=0, exclude=t.exclude) for t in as_targets(targets))
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
-        del key
+    def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
+        del key, like  # whole leaves are copied: no axes to split
         # a copy, so that donating the adapters to a train step never frees the base leaf
         chosen = {
             path: jnp.array(leaf, copy=True) for path, (_, leaf) in match(params, specs).items()

@@ -21,10 +21,11 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -34,7 +35,7 @@ from jaxlora import recipes
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.interop import peft
 from jaxlora.keypaths import flatten, nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, resolve_targets, select
 
 __all__ = [
     "PEFT_FORMAT",
@@ -42,6 +43,7 @@ __all__ = [
     "LoraPeftFormat",
     "canonical_kernel",
     "check_rank",
+    "dropout_rate",
     "init_lora",
     "kaiming_a",
     "lora",
@@ -65,10 +67,23 @@ class LoraAdapter(Adapter):
     scale: float
     a: Any
     b: Any
+    dropout: float = dataclasses.field(default=0.0, kw_only=True)
+    """Dropout rate on the input of ``A`` (PEFT's ``lora_dropout``); see :func:`lora`."""
 
     def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
         del w, shared
-        return Factors(self.a, self.b, self.scale)
+        return Factors(self.a, self.b, self.scale, dropout=self.dropout)
+
+
+def dropout_rate(dropout: float, lora_dropout: float | None) -> float:
+    """The low-rank dropout rate from ``dropout`` or its PEFT alias ``lora_dropout``."""
+    if lora_dropout is not None:
+        if dropout:
+            raise ValueError("give dropout or its PEFT alias lora_dropout, not both")
+        dropout = lora_dropout
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 def lora_scale(*, rank: int, alpha: float, rslora: bool) -> float:
@@ -125,6 +140,9 @@ def lora(
     rslora: bool = False,
     init: str = "kaiming",
     dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+    lora_dropout: float | None = None,
+    target_modules: str | Sequence[str] | None = None,
 ) -> Method:
     """LoRA: ``W + (alpha/r)·A@B`` with trainable ``A``, ``B`` and a frozen ``W``.
 
@@ -141,6 +159,14 @@ def lora(
         ``"pissa"``.
       dtype: dtype of the adapter arrays (float32 by default, whatever the base dtype: the
         adapted product casts them to the compute dtype where they are used).
+      dropout: Dropout rate on the low-rank branch: ``x@W + s·(dropout(x)@A)@B``, as PEFT's
+        ``lora_dropout``. Applied only by :func:`jaxlora.adapt` called with
+        ``dropout_rng=key`` (training); without a key (evaluation), in ``merge`` and at
+        rate 0 the branch is exactly the undropped one.
+      lora_dropout: PEFT's name for ``dropout`` (an alias; give one of them).
+      target_modules: PEFT's module names (``["q_proj", "v_proj"]`` or ``"all-linear"``),
+        an alternative to ``targets`` that replaces it
+        (:func:`jaxlora.targets.module_targets`).
 
     Returns:
       A :class:`jaxlora.Method` whose ``init(key, params)`` returns the adapters tree.
@@ -166,6 +192,8 @@ def lora(
       Meng et al., 2024, https://arxiv.org/abs/2404.02948 (PiSSA).
     """
     scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
+    dropout = dropout_rate(dropout, lora_dropout)
+    targets = resolve_targets(targets, target_modules)
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
     if init == "pissa" and not alpha > 0:
@@ -174,18 +202,22 @@ def lora(
     if init == "kaiming":
         return Method(
             "lora",
-            functools.partial(init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype),
+            functools.partial(
+                init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype, dropout=dropout
+            ),
         )
 
-    def init_pissa(key: jax.Array, params: Any) -> dict[str, Any]:
+    def init_pissa(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
         del key  # the SVD is exact and deterministic
-        layouts = select(params, targets)
+        layouts = select(params, targets, like)
         kernels = flatten(params)
         nodes = {}
         for path, layout in layouts.items():
             check_rank(layout, rank)
             a, b = _pissa_factors(kernels[path], layout, rank, scale, dtype)
-            nodes[path] = LoraAdapter(layout=layout, rank=rank, scale=float(scale), a=a, b=b)
+            nodes[path] = LoraAdapter(
+                layout=layout, rank=rank, scale=float(scale), a=a, b=b, dropout=dropout
+            )
         return nest(nodes)
 
     return Method("pissa", init_pissa, replaces_base=True)
@@ -194,21 +226,24 @@ def lora(
 def init_lora(
     key: jax.Array,
     params: Any,
+    like: Any = None,
     *,
     targets: TargetsLike,
     rank: int,
     scale: float,
     dtype: Any,
     cls: type = LoraAdapter,
+    dropout: float = 0.0,
     **extra: Callable[[KernelLayout, Any], Any],
 ) -> dict[str, Any]:
     """The reference LoRA init (A kaiming-uniform, B = 0) as ``cls`` nodes.
 
     Methods built on LoRA's factors (LoRA-FA, DoRA) reuse it; ``extra`` maps further
     array fields of ``cls`` to ``fn(layout, kernel) -> array``. Without ``extra`` only the
-    shapes of ``params`` are read.
+    shapes of ``params`` are read. ``like=(fn, *args)`` infers the axes of targets that give
+    none from how ``fn`` uses each kernel (:func:`jaxlora.targets.select`).
     """
-    layouts = select(params, targets)
+    layouts = select(params, targets, like)
     for layout in layouts.values():
         check_rank(layout, rank)
     keys = jax.random.split(key, len(layouts))
@@ -221,6 +256,7 @@ def init_lora(
             scale=float(scale),
             a=kaiming_a(k, layout, rank, dtype),
             b=jnp.zeros((*layout.stack_shape, rank, *layout.out_shape), dtype),
+            **({"dropout": float(dropout)} if dropout else {}),
             **{name: fn(layout, kernels[path]) for name, fn in extra.items()},
         )
     return nest(nodes)
@@ -283,6 +319,12 @@ class LoraPeftFormat:
                     tensors[f"{peft.PREFIX}{name}.lora_magnitude_vector"] = mi
                 ranks[name], alphas[name] = node.rank, alpha
         r, alpha = peft.majority(list(ranks.values())), peft.majority(list(alphas.values()))
+        dropouts = {float(getattr(n, "dropout", 0.0)) for n in nodes.values()}
+        if len(dropouts) != 1:
+            raise ValueError(
+                f"export_peft: PEFT has one lora_dropout per adapter, these kernels use "
+                f"{sorted(dropouts)}"
+            )
         config = {
             "r": r,
             "lora_alpha": alpha,
@@ -292,7 +334,7 @@ class LoraPeftFormat:
             # exact module names, escaped: PEFT matches these keys as regexes on name suffixes
             "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
             "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha},
-            "lora_dropout": 0.0,
+            "lora_dropout": dropouts.pop(),
             "lora_bias": False,
             "init_lora_weights": True,
         }
@@ -319,6 +361,8 @@ class LoraPeftFormat:
             if dora:
                 m = kernels.stacked(path, "lora_magnitude_vector", (lay.d_out,), False, dtype)
                 extra["m"] = m.reshape(*lay.stack_shape, *lay.out_shape)
+            elif config.get("lora_dropout"):
+                extra["dropout"] = float(config["lora_dropout"])
             nodes[path] = cls(
                 layout=lay,
                 rank=r,

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from jaxlora import recipes
 from jaxlora.adapters import FROZEN, Method, register_adapter
-from jaxlora.methods.lora import LoraAdapter, init_lora, lora_scale
-from jaxlora.targets import TargetsLike
+from jaxlora.methods.lora import LoraAdapter, dropout_rate, init_lora, lora_scale
+from jaxlora.targets import TargetsLike, resolve_targets
 
 __all__ = ["LoraFaAdapter", "lora_fa"]
 
@@ -40,6 +40,9 @@ def lora_fa(
     targets: TargetsLike = "all-linear",
     rslora: bool = False,
     dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+    lora_dropout: float | None = None,
+    target_modules: Any = None,
 ) -> Method:
     """LoRA-FA: ``W + (alpha/r)·A@B`` with a random, frozen ``A`` and a trainable ``B``.
 
@@ -49,6 +52,9 @@ def lora_fa(
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
       rslora: Scale by ``alpha/√r`` instead.
       dtype: dtype of the adapter arrays.
+      dropout: Dropout rate on the low-rank branch's input (as in :func:`jaxlora.lora`).
+      lora_dropout: PEFT's name for ``dropout``.
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"lora_fa"``; A is initialised exactly as LoRA's
@@ -69,8 +75,17 @@ def lora_fa(
       Zhang et al., 2023, https://arxiv.org/abs/2308.03303.
     """
     scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
+    dropout = dropout_rate(dropout, lora_dropout)
+    targets = resolve_targets(targets, target_modules)
+
     init = functools.partial(
-        init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype, cls=LoraFaAdapter
+        init_lora,
+        targets=targets,
+        rank=rank,
+        scale=scale,
+        dtype=dtype,
+        cls=LoraFaAdapter,
+        dropout=dropout,
     )
     return Method("lora_fa", init)
 

@@ -11,9 +11,11 @@ frozen, the train step never computes the ``d_in``-wide gradient LoRA's A needs.
 The shared matrices are a pure function of the PRNG key stored beside them, so a
 checkpoint may keep only the key: :func:`strip_shared` drops the matrices and
 :func:`restore_shared` regenerates them bit-identically. The key is stored as raw
-``uint32`` key data (an array leaf, labelled ``"frozen"``), so ``jax.grad`` over a whole
-VeRA adapters tree needs ``allow_int=True``; :func:`jaxlora.train_step` differentiates the
-trainable arrays only and is unaffected.
+``uint32`` key data (an array leaf, labelled ``"frozen"``: it must stay an array for
+``init`` to be jittable and for checkpoints to store it), so ``jax.grad`` over a whole VeRA
+adapters tree fails; differentiate :func:`jaxlora.trainable`'s view instead (or pass
+``allow_int=True``). :func:`jaxlora.train_step` differentiates the trainable arrays only
+and is unaffected.
 
 References:
   Kopiczko et al., 2024, VeRA: Vector-based Random Matrix Adaptation,
@@ -44,7 +46,7 @@ from jaxlora.adapters import (
 )
 from jaxlora.interop import peft
 from jaxlora.keypaths import nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, resolve_targets, select
 
 __all__ = ["NAME", "VeraAdapter", "VeraShared", "restore_shared", "strip_shared", "vera"]
 
@@ -179,8 +181,10 @@ def vera(
     *,
     rank: int = 256,
     targets: TargetsLike = "all-linear",
-    d_init: float = 0.1,
+    d_init: float | None = None,
     dtype: Any = jnp.float32,
+    d_initial: float | None = None,
+    target_modules: Any = None,
 ) -> Method:
     """VeRA: ``W + A_s·diag(d)·B_s·diag(b)`` with shared frozen ``A_s``, ``B_s``.
 
@@ -189,9 +193,11 @@ def vera(
         ``min(d_in, d_out)`` (the paper uses 256 and more), since only ``r + d_out``
         numbers per layer train.
       targets: Which kernels to adapt (as in :func:`jaxlora.lora`).
-      d_init: Initial value of every ``d`` (``b`` starts at 0, so training starts exactly
-        at the base model).
+      d_init: Initial value of every ``d``, 0.1 by default (``b`` starts at 0, so training
+        starts exactly at the base model).
       dtype: dtype of the shared matrices and the vectors.
+      d_initial: PEFT's name for ``d_init`` (an alias; give one of them).
+      target_modules: PEFT's module names, replacing ``targets`` (as in :func:`jaxlora.lora`).
 
     Returns:
       A :class:`jaxlora.Method` named ``"vera"``. Its ``init(key, params)`` reads only
@@ -219,10 +225,14 @@ def vera(
     """
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"vera: rank must be a positive integer, got {rank!r}")
+    if d_initial is not None and d_init is not None:
+        raise ValueError("vera: give d_init or its PEFT alias d_initial, not both")
+    d_init = next((v for v in (d_init, d_initial) if v is not None), 0.1)
+    targets = resolve_targets(targets, target_modules)
     dtype_name = jnp.dtype(dtype).name
 
-    def init(key: jax.Array, params: Any) -> dict[str, Any]:
-        layouts = select(params, targets)
+    def init(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
+        layouts = select(params, targets, like)
         data, impl = _key_data(key)
         shared = VeraShared(
             a=None,

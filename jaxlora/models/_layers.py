@@ -12,6 +12,7 @@ query) gets a uniform softmax rather than NaNs, and its output is ignored downst
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query support.
 
@@ -155,6 +160,8 @@ def attention(
         ``kv_heads`` (each key/value head serves ``heads // kv_heads`` query heads).
       value: like ``key``.
       mask: boolean, broadcastable to ``(batch, heads, queries, keys)``, or None.
+      dropout: Applied to the attention probabilities (training); None keeps the
+        lean-backward path.
 
     Returns:
       ``(batch, queries, heads, head_dim)``.
@@ -169,6 +176,16 @@ def attention(
     kv_heads = key.shape[2]
     if h % kv_heads:
         raise ValueError(f"attention: {h} query heads are not a multiple of {kv_heads} kv heads")
+    if dropout is not None:
+        # the probabilities must exist as an array to be dropped, as in the reference models
+        q = query.reshape(b, t, kv_heads, h // kv_heads, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, key) / jnp.sqrt(jnp.asarray(d, query.dtype))
+        logits = logits.reshape(b, h, t, -1)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        probs = dropout(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(query.dtype))
+        probs = probs.reshape(b, kv_heads, h // kv_heads, t, -1)
+        return jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(b, t, h, d)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, key.shape[1]))
         mask = _mask_grouped(mask, kv_heads)

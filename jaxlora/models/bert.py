@@ -6,14 +6,17 @@ exactly as Hugging Face ``BertModel``. Parameter paths are readable
 2-D ``(d_in, d_out)`` kernel, so ``jaxlora.adapt`` intercepts it. Sentence embeddings are the
 mean of the last hidden states over real tokens, L2-normalised (:func:`sentence_embedding`),
 which is how all-MiniLM-L6-v2 was trained. The ``[CLS]`` pooler is optional
-(``BertConfig.pooler``) because mean-pooled models never use it. There is no dropout.
+(``BertConfig.pooler``) because mean-pooled models never use it. Dropout is ``BertModel``'s
+(hidden states and attention probabilities, 0.1 each by default) and runs only when
+:func:`apply` is given a ``dropout_rng`` (training); without one the model is exactly the
+deterministic one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -56,6 +59,10 @@ class BertConfig:
     """Standard deviation of the normal initialiser of kernels and embeddings."""
     pooler: bool = False
     """Whether the tree has the tanh ``[CLS]`` pooler (``pooler/{kernel,bias}``)."""
+    hidden_dropout: float = 0.1
+    """Dropout on the embeddings and on each sub-layer's output (``hidden_dropout_prob``)."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities (``attention_probs_dropout_prob``)."""
     dtype: str = "float32"
     """Activation dtype."""
     param_dtype: str = "float32"
@@ -105,6 +112,8 @@ class BertConfig:
             layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
             hidden_act=config.get("hidden_act", "gelu"),
             initializer_range=float(config.get("initializer_range", 0.02)),
+            hidden_dropout=float(config.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -134,6 +143,8 @@ class BertConfig:
             "layer_norm_eps": self.layer_norm_eps,
             "hidden_act": self.hidden_act,
             "initializer_range": self.initializer_range,
+            "hidden_dropout_prob": self.hidden_dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
             "position_embedding_type": "absolute",
         }
 
@@ -146,6 +157,12 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
         kernel_init=nn.initializers.normal(config.initializer_range),
         name=name,
     )
+
+
+def _dropout(rate: float, train: bool) -> Callable[[jax.Array], jax.Array]:
+    # nn.Dropout returns its input itself when deterministic or at rate 0: evaluation is
+    # bit for bit the model without dropout
+    return functools.partial(nn.Dropout(rate), deterministic=not train)
 
 
 class _LayerNorm(nn.Module):
@@ -172,7 +189,7 @@ class _Embeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids):
+    def __call__(self, input_ids, token_type_ids, train):
         c = self.config
         embed = functools.partial(
             nn.Embed,
@@ -187,42 +204,43 @@ class _Embeddings(nn.Module):
             + embed(c.max_position_embeddings, name="position")(positions)
             + embed(c.type_vocab_size, name="token_type")(token_type_ids)
         )
-        return _layer_norm(c, "norm")(x)
+        return _dropout(c.hidden_dropout, train)(_layer_norm(c, "norm")(x))
 
 
 class _Attention(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, train):
         c = self.config
         batch, seq, _ = x.shape
         heads = (batch, seq, c.num_heads, c.hidden_size // c.num_heads)
         q = _dense(c, c.hidden_size, "query")(x).reshape(heads)
         k = _dense(c, c.hidden_size, "key")(x).reshape(heads)
         v = _dense(c, c.hidden_size, "value")(x).reshape(heads)
-        out = attention(q, k, v, mask).reshape(batch, seq, c.hidden_size)
-        return _dense(c, c.hidden_size, "output")(out)
+        drop = _dropout(c.attention_dropout, train) if train and c.attention_dropout else None
+        out = attention(q, k, v, mask, drop).reshape(batch, seq, c.hidden_size)
+        return _dropout(c.hidden_dropout, train)(_dense(c, c.hidden_size, "output")(out))
 
 
 class _MLP(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train):
         c = self.config
         h = _ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, "intermediate")(x))
-        return _dense(c, c.hidden_size, "output")(h)
+        return _dropout(c.hidden_dropout, train)(_dense(c, c.hidden_size, "output")(h))
 
 
 class _Layer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, train):
         c = self.config
-        x = _layer_norm(c, "attn_norm")(x + _Attention(c, name="attn")(x, mask))
-        return _layer_norm(c, "mlp_norm")(x + _MLP(c, name="mlp")(x))
+        x = _layer_norm(c, "attn_norm")(x + _Attention(c, name="attn")(x, mask, train))
+        return _layer_norm(c, "mlp_norm")(x + _MLP(c, name="mlp")(x, train))
 
 
 class _Layers(nn.Module):
@@ -231,9 +249,9 @@ class _Layers(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, train):
         for i in range(self.config.num_layers):
-            x = _Layer(self.config, name=str(i))(x, mask)
+            x = _Layer(self.config, name=str(i))(x, mask, train)
         return x
 
 
@@ -243,13 +261,13 @@ class Bert(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train=False):
         c = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        x = _Embeddings(c, name="embeddings")(input_ids, token_type_ids)
+        x = _Embeddings(c, name="embeddings")(input_ids, token_type_ids, train)
         x = _Layers(c, name="layers")(
-            x, attention_mask_4d(attention_mask, x.shape[1], causal=False)
+            x, attention_mask_4d(attention_mask, x.shape[1], causal=False), train
         )
         pooled = None
         if c.pooler:
@@ -286,6 +304,7 @@ def apply(
     *,
     config: BertConfig,
     token_type_ids: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the encoder.
 
@@ -295,6 +314,8 @@ def apply(
       attention_mask: ``(batch, seq)``, 1 for real tokens, 0 for padding; None: no padding.
       config: the model configuration.
       token_type_ids: ``(batch, seq)`` segment ids; zeros by default.
+      dropout_rng: A PRNG key: run in training mode, with the config's dropout drawn from
+        it. None (the default) is evaluation: no dropout at all.
 
     Returns:
       The last hidden states ``(batch, seq, hidden_size)``.
@@ -307,7 +328,11 @@ def apply(
       >>> apply(p, jnp.array([[2, 5, 0]]), jnp.array([[1, 1, 0]]), config=c).shape
       (1, 3, 8)
     """
-    hidden, _ = Bert(config).apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    train = dropout_rng is not None
+    rngs = {"dropout": dropout_rng} if train else None
+    hidden, _ = Bert(config).apply(
+        {"params": params}, input_ids, attention_mask, token_type_ids, train, rngs=rngs
+    )
     return hidden
 
 

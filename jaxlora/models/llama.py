@@ -60,6 +60,10 @@ class LlamaConfig:
     """Stack the layers' weights on a leading axis and run them with ``nn.scan``."""
     remat: bool = False
     """Rematerialise each layer's activations in the backward pass (``nn.remat``)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities in training (``attention_dropout``; Hugging
+    Face's Llama has no other dropout). Drawn only when :func:`apply` gets a
+    ``dropout_rng``."""
     dtype: str = "float32"
     """Activation dtype (parameters stay in ``param_dtype``)."""
     param_dtype: str = "float32"
@@ -126,6 +130,7 @@ class LlamaConfig:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
             initializer_range=float(config.get("initializer_range", 0.02)),
+            attention_dropout=float(config.get("attention_dropout", 0.0)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -157,12 +162,14 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
+            "attention_dropout": self.attention_dropout,
             "hidden_act": "silu",
         }
 
 
 class _Attention(nn.Module):
     config: LlamaConfig
+    train: bool = False
 
     @nn.compact
     def __call__(self, x, mask, positions):
@@ -185,7 +192,10 @@ class _Attention(nn.Module):
             k.reshape(batch, seq, c.num_kv_heads, c.head_dim), positions, theta=c.rope_theta
         )
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
-        out = attention(q, k, v, mask).reshape(batch, seq, c.num_heads * c.head_dim)
+        drop = None
+        if self.train and c.attention_dropout:
+            drop = functools.partial(nn.Dropout(c.attention_dropout), deterministic=False)
+        out = attention(q, k, v, mask, drop).reshape(batch, seq, c.num_heads * c.head_dim)
         return dense(c.hidden_size, name="o_proj")(out)
 
 
@@ -215,11 +225,13 @@ def _rms_norm(config: LlamaConfig, name: str) -> nn.RMSNorm:
 
 class _Block(nn.Module):
     config: LlamaConfig
+    train: bool = False
 
     @nn.compact
     def __call__(self, x, mask, positions):
         c = self.config
-        x = x + _Attention(c, name="attn")(_rms_norm(c, "input_norm")(x), mask, positions)
+        attn = _Attention(c, self.train, name="attn")
+        x = x + attn(_rms_norm(c, "input_norm")(x), mask, positions)
         x = x + _MLP(c, name="mlp")(_rms_norm(c, "post_attn_norm")(x))
         # (carry, per-step output): the signature nn.scan wants; unscanned callers take [0].
         return x, None
@@ -229,12 +241,13 @@ class _Layers(nn.Module):
     """Unscanned layers, named "0", "1", ... so their paths read ``layers/3/...``."""
 
     config: LlamaConfig
+    train: bool = False
 
     @nn.compact
     def __call__(self, x, mask, positions):
         block = nn.remat(_Block) if self.config.remat else _Block
         for i in range(self.config.num_layers):
-            x, _ = block(self.config, name=str(i))(x, mask, positions)
+            x, _ = block(self.config, self.train, name=str(i))(x, mask, positions)
         return x
 
 
@@ -244,7 +257,7 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, train=False):
         c = self.config
         embed = nn.Embed(
             c.vocab_size,
@@ -265,13 +278,13 @@ class Llama(nn.Module):
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=c.num_layers,
             )
-            x, _ = layers(c, name="layers")(x, mask, positions)
+            x, _ = layers(c, train, name="layers")(x, mask, positions)
         else:
-            x = _Layers(c, name="layers")(x, mask, positions)
+            x = _Layers(c, train, name="layers")(x, mask, positions)
         x = _rms_norm(c, "final_norm")(x)
         if c.tie_embeddings:
             return embed.attend(x)
@@ -319,6 +332,7 @@ def apply(
     *,
     config: LlamaConfig,
     positions: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the decoder.
 
@@ -330,6 +344,8 @@ def apply(
       config: the model configuration.
       positions: ``(batch, seq)`` RoPE positions; defaults to ``0..seq-1`` (right padding).
         With left padding pass ``cumsum(attention_mask) - 1``.
+      dropout_rng: A PRNG key: training mode, with ``config.attention_dropout`` drawn from
+        it. None (the default) is evaluation: no dropout at all.
 
     Returns:
       Logits ``(batch, seq, vocab)``; position ``t`` predicts token ``t + 1``.
@@ -342,7 +358,11 @@ def apply(
       >>> apply(p, jnp.array([[1, 2, 3]]), config=c).shape
       (1, 3, 11)
     """
-    return Llama(config).apply({"params": params}, input_ids, attention_mask, positions)
+    train = dropout_rng is not None
+    rngs = {"dropout": dropout_rng} if train else None
+    return Llama(config).apply(
+        {"params": params}, input_ids, attention_mask, positions, train, rngs=rngs
+    )
 
 
 def causal_lm_loss(
