@@ -13,6 +13,7 @@ from jaxlora.lora_fa import lora_fa
 from jaxlora.lora_plus import lora_plus
 from jaxlora.methods import method
 from jaxlora.optim import optimizer
+from jaxlora.quant import QuantizedKernel, dequantize, quantize
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
 from jaxlora.train import train_step
@@ -26,12 +27,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "Method",
+    "QuantizedKernel",
     "Target",
     "TargetError",
     "adapt",
     "adapt_report",
     "compose",
     "delta_lora",
+    "dequantize",
     "distributed",
     "dora",
     "export_merged",
@@ -49,6 +52,7 @@ __all__ = [
     "num_trainable",
     "optimizer",
     "pissa",
+    "quantize",
     "sharded_train_step",
     "sharding",
     "train_step",
