@@ -26,7 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlora.targets import KernelLayout, path_str
+from jaxlora.targets import KernelLayout, is_kernel_leaf, path_str
 
 __all__ = [
     "SHARED_KEY",
@@ -222,6 +222,8 @@ def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
 
     def visit(kp, w):
         path = path_str(kp)
+        if is_kernel_leaf(w):  # merged weights are float: a quantized kernel is dequantized
+            w = w.dequantize()
         if path in full:
             seen.add(path)
             check_full_leaf(path, full[path], w)
@@ -233,7 +235,7 @@ def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
         check_kernel(node, w)
         return fn(node, w, shared)
 
-    out = jax.tree_util.tree_map_with_path(visit, params)
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_kernel_leaf)
     missing = sorted((set(nodes) | set(full)) - seen)
     if missing:
         raise ValueError(f"adapters target kernels missing from params: {missing}")

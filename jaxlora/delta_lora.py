@@ -11,6 +11,15 @@ kernels and zeros elsewhere (which XLA folds away), so ``optax.apply_updates`` a
 The base gradient it is given is ignored (pass ``None``): :func:`jaxlora.train_step` with
 ``update_params=True`` does the wiring and never computes it.
 
+On a quantized base (:func:`jaxlora.quantize`) Delta-LoRA refuses to move a quantized
+targeted kernel, with an error that says how to proceed. Requantizing ``W`` after each step
+would round the λ-deltas away (they are far below one NF4 step, so Delta-LoRA would
+silently become LoRA), and keeping a float delta beside every quantized kernel would cost
+a full-precision copy of all targets, the memory quantizing was meant to save. A user who
+wants Delta-LoRA there opts into that cost explicitly: ``jl.dequantize(params,
+targets=<the same targets>)`` makes the moving kernels float and keeps the rest quantized
+(non-targeted quantized kernels are left as they are).
+
 Write-ups differ on whether the LoRA scale ``s`` multiplies the delta; ``scale_delta``
 makes it explicit. The default (``False``) follows the paper's Algorithm 1 literally,
 ``λ·(A'B' − AB)``; ``True`` moves ``W`` by ``λ`` times the change of the effective update
@@ -31,7 +40,7 @@ import optax
 
 from jaxlora.adapters import adapter_nodes, shared_state
 from jaxlora.lora import LoraAdapter
-from jaxlora.targets import path_str
+from jaxlora.targets import is_kernel_leaf, path_str
 
 __all__ = ["DeltaLoraState", "delta_lora"]
 
@@ -54,6 +63,20 @@ def _pair(tree: Any, where: str) -> tuple[Any, Any]:
             "jl.train_step(loss_fn, tx, update_params=True) and tx.init((params, adapters))."
         )
     return tree[0], tree[1]
+
+
+def _refuse_quantized(base: Any, nodes: dict[str, Any]) -> None:
+    flat = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_kernel_leaf)[0]
+    quantized = sorted(
+        path_str(kp) for kp, x in flat if is_kernel_leaf(x) and path_str(kp) in nodes
+    )
+    if quantized:
+        raise ValueError(
+            f"delta_lora: the targeted kernels {quantized} are quantized, and Delta-LoRA moves "
+            "the kernels it targets: requantizing would round the deltas away. Make them float "
+            "first with params = jl.dequantize(params, targets=<the adapters' targets>); the "
+            "other kernels may stay quantized (see the jaxlora.delta_lora docstring)"
+        )
 
 
 def delta_lora(
@@ -104,7 +127,8 @@ def delta_lora(
         raise ValueError(f"delta_lora: start_step must be >= 0, got {start_step!r}")
 
     def init(params: Any) -> DeltaLoraState:
-        _, adapters = _pair(params, "init")
+        base, adapters = _pair(params, "init")
+        _refuse_quantized(base, adapter_nodes(adapters))
         return DeltaLoraState(jnp.zeros([], jnp.int32), inner.init(adapters))
 
     def update(updates, state, params=None):
@@ -117,11 +141,13 @@ def delta_lora(
         active = state.count >= start_step
         seen = set()
 
+        _refuse_quantized(base, old_nodes)
+
         def base_update(kp, w):
             path = path_str(kp)
             node = old_nodes.get(path)
-            if node is None:
-                return jnp.zeros_like(w)
+            if node is None:  # (a quantized kernel: zeros for its codes and scales)
+                return jax.tree_util.tree_map(jnp.zeros_like, w)
             seen.add(path)
             old = node.kernel_factors(w, old_shared)
             new = new_nodes[path].kernel_factors(w, new_shared)
@@ -144,7 +170,7 @@ def delta_lora(
             change = both.delta({})
             return jnp.where(active, factor * change, 0.0).astype(w.dtype)
 
-        base_updates = jax.tree_util.tree_map_with_path(base_update, base)
+        base_updates = jax.tree_util.tree_map_with_path(base_update, base, is_leaf=is_kernel_leaf)
         missing = sorted(set(old_nodes) - seen)
         if missing:
             raise ValueError(f"delta_lora: params lack the targeted kernels {missing}")

@@ -29,7 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter, unmerge
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
+from jaxlora.targets import (
+    KernelLayout,
+    TargetError,
+    TargetsLike,
+    is_kernel_leaf,
+    path_str,
+    select,
+)
 
 __all__ = [
     "LoraAdapter",
@@ -215,7 +222,8 @@ def init_lora(
 
 def leaves_by_path(params: Any) -> dict[str, Any]:
     """The leaves of ``params`` keyed by their ``"/"``-joined key path."""
-    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
+    return {path_str(kp): x for kp, x in flat}
 
 
 def pissa(key: jax.Array, params: Any, method: Method) -> tuple[Any, dict[str, Any]]:

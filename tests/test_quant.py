@@ -12,12 +12,15 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _model_fixtures import require_asset
+from jl_testing import randomize
 
 import jaxlora as jl
 from jaxlora import quant
 from jaxlora.targets import is_kernel_leaf, match, path_str, select
+from jaxlora.train import join_trainable, split_trainable
 
 # QLoRA (Dettmers et al. 2023), Appendix E: the NF4 data type, code 0..15.
 PAPER_NF4 = [
@@ -217,3 +220,191 @@ def test_round_trip_on_smollm2_weights():
     qflat = dict(match(q, "all-linear"))
     for path, (_, w) in flat.items():
         check_round_trip(w, qflat[path][1])
+
+
+# ------------------------------------------------------------------- adapt on a quantized base
+
+_QK = jax.random.split(jax.random.key(7), 8)
+QPARAMS = {
+    "inp": {"kernel": jax.random.normal(_QK[0], (64, 128)) * 0.2},
+    "layers": {"kernel": jax.random.normal(_QK[1], (3, 128, 128)) * 0.1},  # scanned
+    "frozen": {"kernel": jax.random.normal(_QK[2], (3, 128, 128)) * 0.1},  # scanned, no adapter
+    "out": {"kernel": jax.random.normal(_QK[3], (2, 64, 64)) * 0.1},  # DenseGeneral (h, k) -> d
+    "bias": jnp.zeros((128,)),
+}
+QTARGETS = [
+    jl.Target(r"inp/kernel"),
+    jl.Target(r"layers/kernel"),
+    jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)),
+]
+QBATCH = {
+    "x": jax.random.normal(_QK[4], (6, 64)),
+    "y": jax.random.normal(_QK[5], (6, 64)),
+}
+METHOD_KWARGS = {
+    "lora": dict(rank=4, alpha=8.0),
+    "rslora": dict(rank=4, alpha=8.0),
+    "lora_fa": dict(rank=4, alpha=8.0),
+    "vera": dict(rank=8),
+    "dora": dict(rank=4, alpha=8.0),
+    "lora_plus": dict(rank=4, alpha=8.0, ratio=4.0),
+}
+FORMATS = [("nf4", True), ("int8", False), ("q4_1", False)]
+
+
+def qmodel(p, x):
+    h = jnp.tanh(x @ p["inp"]["kernel"] + p["bias"])
+
+    def layer(h, ws):
+        w, f = ws
+        return jnp.tanh(h @ w) + 0.5 * jnp.tanh(h @ f), None
+
+    h, _ = jax.lax.scan(layer, h, (p["layers"]["kernel"], p["frozen"]["kernel"]))
+    return jnp.einsum("bhk,hkd->bd", h.reshape(-1, 2, 64), p["out"]["kernel"])
+
+
+def qloss(p, batch):
+    return jnp.mean((qmodel(p, batch["x"]) - batch["y"]) ** 2)
+
+
+def _quantized(kind, dq, targets=".*kernel"):
+    # blocks along each kernel's input axis; (h, k) -> d blocks along k
+    spec = [jl.Target("out/kernel", in_axes=(0, 1), out_axes=(2,)), jl.Target(targets)]
+    block = 32 if kind == "nf4" else None  # k = 64: two blocks per column
+    return jl.quantize(QPARAMS, targets=spec, kind=kind, block=block, double_quant=dq)
+
+
+def _perturbed(adapters, key):
+    return randomize(adapters, key)
+
+
+def _check_value_and_grad(fn, qparams, adapters, *args):
+    """adapt(fn) on the quantized base == fn(merge(dequantize(base), adapters))."""
+    trainable, frozen = split_trainable(adapters, adapters)
+    float_base = jl.dequantize(qparams)
+
+    @jax.jit
+    def adapted(t):
+        return jax.value_and_grad(lambda t: jl.adapt(fn, strict=True)(qparams, join(t), *args))(t)
+
+    @jax.jit
+    def merged(t):
+        return jax.value_and_grad(lambda t: fn(jl.merge(float_base, join(t)), *args))(t)
+
+    join = lambda t: join_trainable(t, frozen)
+    (v, g), (ve, ge) = adapted(trainable), merged(trainable)
+    np.testing.assert_allclose(v, ve, rtol=1e-5)
+    leaves, ref = jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ge)
+    assert len(leaves) == len(ref) > 0
+    for a, b in zip(leaves, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)  # composed: scan + tanh chain
+
+
+@pytest.mark.parametrize("kind,dq", FORMATS)
+@pytest.mark.parametrize("name", sorted(METHOD_KWARGS))
+def test_adapt_on_quantized_base_equals_merged_dequantized(name, kind, dq):
+    qparams = _quantized(kind, dq)
+    spec = jl.method(name, targets=QTARGETS, **METHOD_KWARGS[name])
+    adapters = _perturbed(spec.init(jax.random.key(1), qparams), jax.random.key(2))
+    out = jax.jit(jl.adapt(qmodel, strict=True))(qparams, adapters, QBATCH["x"])
+    ref = qmodel(jl.merge(jl.dequantize(qparams), adapters), QBATCH["x"])
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    _check_value_and_grad(qloss, qparams, adapters, QBATCH)
+    report = jl.adapt_report(qmodel, qparams, adapters, QBATCH["x"])
+    assert report.all_fast, report
+    assert set(report.targets) == {"inp/kernel", "layers/kernel", "out/kernel"}
+
+
+def _float_arrays(jaxpr, shape):
+    """Top-level (not inside scan/remat bodies) float values of ``shape`` in a jaxpr."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            aval = v.aval
+            if getattr(aval, "shape", None) == shape and jnp.issubdtype(aval.dtype, jnp.floating):
+                found.append(eqn.primitive.name)
+    return found
+
+
+def test_stacked_quantized_kernels_are_dequantized_per_layer_only():
+    qparams = _quantized("nf4", True)
+    adapters = _perturbed(
+        jl.lora(rank=4, targets=QTARGETS).init(jax.random.key(1), qparams), jax.random.key(2)
+    )
+    trainable, frozen = split_trainable(adapters, adapters)
+    f = lambda t: jl.adapt(qloss)(qparams, join_trainable(t, frozen), QBATCH)
+    closed = jax.make_jaxpr(jax.grad(f))(trainable)
+    # no float (L, d, d) stack anywhere outside the scan: neither a dequantized copy nor
+    # a saved residual of one; the merged reference has both
+    assert _float_arrays(closed.jaxpr, (3, 128, 128)) == []
+    ref = lambda t: qloss(jl.merge(jl.dequantize(qparams), join_trainable(t, frozen)), QBATCH)
+    assert _float_arrays(jax.make_jaxpr(jax.grad(ref))(trainable).jaxpr, (3, 128, 128))
+
+
+def test_untargeted_quantized_kernels_are_not_reported_nor_merged():
+    qparams = _quantized("int8", False)
+    adapters = jl.lora(rank=2, targets="inp/kernel").init(jax.random.key(1), qparams)
+    report = jl.adapt_report(qmodel, qparams, adapters, QBATCH["x"])
+    assert report.targets == ("inp/kernel",) and report.all_fast, report
+    # strict mode does not object to a quantized kernel used outside a matmul
+    params = {"emb": jl.quantize({"e": jnp.ones((64, 4))}, targets="e", kind="int8")["e"]}
+    out = jl.adapt(lambda p: jnp.sin(p["emb"]).sum(), strict=True)(params, {})
+    np.testing.assert_allclose(out, 64 * 4 * np.sin(1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_KWARGS))
+def test_training_on_quantized_base_equals_training_on_its_dequantized_copy(name):
+    qparams = _quantized("nf4", True)
+    float_base = jl.dequantize(qparams)
+    spec = jl.method(name, targets=QTARGETS, **METHOD_KWARGS[name])
+    adapters = _perturbed(spec.init(jax.random.key(1), qparams), jax.random.key(2))
+    tx = spec.optimizer(optax.adam, learning_rate=1e-2)
+    step = spec.train_step(qloss, tx, donate=False)
+    runs = []
+    for base in (qparams, float_base):
+        p, a, state = base, adapters, spec.init_optimizer(tx, base, adapters)
+        for _ in range(2):
+            p, a, state, metrics = step(p, a, state, QBATCH)
+        runs.append((a, float(metrics["loss"])))
+        assert p is base  # the frozen base is passed through untouched
+    (aq, lq), (af, lf) = runs
+    np.testing.assert_allclose(lq, lf, rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(aq), jax.tree_util.tree_leaves(af), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_delta_lora_refuses_quantized_targets_and_runs_on_dequantized_ones():
+    qparams = _quantized("nf4", True)
+    spec = jl.method("delta_lora", targets=QTARGETS, rank=4, alpha=8.0, lam=0.5, start_step=0)
+    adapters = _perturbed(spec.init(jax.random.key(1), qparams), jax.random.key(2))
+    tx = spec.optimizer(optax.adam, learning_rate=1e-2)
+    with pytest.raises(ValueError, match=r"targeted kernels \['inp/kernel', 'layers/kernel'"):
+        spec.init_optimizer(tx, qparams, adapters)
+    # the documented way: the moving kernels float, the untargeted one stays quantized
+    mixed = jl.dequantize(qparams, targets=QTARGETS)
+    assert isinstance(mixed["frozen"]["kernel"], jl.QuantizedKernel)
+    step = spec.train_step(qloss, tx, donate=False)
+    runs = []
+    for base in (mixed, jl.dequantize(qparams)):
+        p, a, state = base, adapters, spec.init_optimizer(tx, base, adapters)
+        for _ in range(2):
+            p, a, state, _ = step(p, a, state, QBATCH)
+        runs.append(p)
+    pm, pf = runs
+    assert isinstance(pm["frozen"]["kernel"], jl.QuantizedKernel)
+    np.testing.assert_array_equal(pm["frozen"]["kernel"].data, qparams["frozen"]["kernel"].data)
+    for path in ("inp", "layers", "out"):
+        np.testing.assert_allclose(pm[path]["kernel"], pf[path]["kernel"], atol=1e-6)
+        assert not np.allclose(pm[path]["kernel"], mixed[path]["kernel"])  # W moved
+
+
+def test_merge_on_quantized_base_returns_float_weights():
+    qparams = _quantized("nf4", True)
+    adapters = _perturbed(
+        jl.lora(rank=4, targets=QTARGETS).init(jax.random.key(1), qparams), jax.random.key(2)
+    )
+    merged = jl.merge(qparams, adapters)
+    leaves = jax.tree_util.tree_leaves(merged)
+    assert all(x.dtype == jnp.float32 for x in leaves)
+    expect = jl.merge(jl.dequantize(qparams), adapters)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, merged, expect)
