@@ -54,7 +54,7 @@ class ExperimentConfig:
     """Mesh axis sizes over ``data``, ``fsdp``, ``tensor``; -1 takes the remaining devices."""
     rules: str = "dp"
     """Partition rules of the base params: ``dp`` (replicated) for every task; ``fsdp``,
-    ``tp``, ``fsdp_tp`` for the Llama task (``jaxlora.sharding.llama_rules``)."""
+    ``tp``, ``fsdp_tp`` for the Llama task (``jaxlora.models.llama.partition_rules``)."""
     max_train_examples: int | None = None
     """Cap on training examples (None: all)."""
     max_eval_examples: int | None = None

@@ -54,11 +54,9 @@ def partition_rules(preset: str):
     """The base params' partition rules for ``preset`` (``dp`` replicates everything)."""
     from jax.sharding import PartitionSpec as P
 
-    from jaxlora import sharding
-
     if preset == "dp":
         return ((".*", P()),)
-    return sharding.llama_rules(preset)
+    return llama.partition_rules(preset)
 
 
 def _cap(arrays: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray]:

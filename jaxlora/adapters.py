@@ -20,23 +20,29 @@ DoRA-style methods). :meth:`Adapter.factors` returns that form.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora.targets import KernelLayout, is_kernel_leaf, path_str
+from jaxlora.keypaths import path_str
+from jaxlora.targets import KernelLayout, is_kernel_leaf
 
 __all__ = [
     "SHARED_KEY",
     "Adapter",
     "Factors",
+    "SharedState",
     "adapter_nodes",
     "labels",
+    "map_parts",
     "merge",
     "num_trainable",
     "register_adapter",
+    "register_shared",
     "unmerge",
 ]
 
@@ -138,6 +144,39 @@ class Adapter:
         return w - self.delta(shared).astype(w.dtype)
 
 
+class SharedState:
+    """Base class of state shared by every layer, stored under ``adapters["__shared__"][name]``.
+
+    Subclasses are frozen dataclasses registered with :func:`register_shared`: fields named
+    in ``ARRAYS`` are pytree children, the others static. The hooks let generic code
+    (checkpoints) store the state compactly without knowing the method: :meth:`compact`
+    drops what :meth:`expand` can regenerate, and :meth:`reproducible` says whether that
+    round trip is exact for these values. By default nothing is dropped.
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    def compact(self) -> SharedState:
+        """The state without what :meth:`expand` regenerates; works on any leaf type
+        (arrays, shapes, shardings), since it only rearranges fields."""
+        return self
+
+    def expand(self) -> SharedState:
+        """Regenerates what :meth:`compact` dropped (a compact state has concrete leaves)."""
+        return self
+
+    def reproducible(self) -> bool:
+        """Whether ``self.compact().expand()`` equals ``self`` bit for bit."""
+        return False
+
+
+def register_shared(cls: type) -> type:
+    """Makes a :class:`SharedState` subclass a frozen dataclass and a pytree node."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(cls.ARRAYS), meta_fields=meta)
+
+
 def register_adapter(cls: type) -> type:
     """Makes an :class:`Adapter` subclass a frozen dataclass and a pytree node.
 
@@ -153,14 +192,37 @@ def _is_node(x: Any) -> bool:
     return isinstance(x, Adapter)
 
 
+def _body(adapters: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in adapters.items() if k not in _RESERVED}
+
+
+def map_parts(
+    adapters: dict[str, Any],
+    nodes: Callable[[dict[str, Any]], dict[str, Any]],
+    shared: Callable[[dict[str, Any]], Any],
+    full: Callable[[dict[str, Any]], Any],
+) -> dict[str, Any]:
+    """Maps each part of an adapters tree with its own function, keeping which parts exist.
+
+    The parts: the per-kernel nodes (everything but the reserved keys), the shared state
+    under :data:`SHARED_KEY` and the fully trained copies under :data:`FULL_KEY`. This is
+    the one place that splits a tree by its reserved keys.
+    """
+    out = nodes(_body(adapters))
+    if SHARED_KEY in adapters:
+        out[SHARED_KEY] = shared(adapters[SHARED_KEY])
+    if FULL_KEY in adapters:
+        out[FULL_KEY] = full(adapters[FULL_KEY])
+    return out
+
+
 def adapter_nodes(adapters: Any) -> dict[str, Adapter]:
     """All adapter nodes of an adapters tree, keyed by the path of the kernel they adapt."""
     if not isinstance(adapters, dict):
         raise TypeError(
             f"adapters must be the dict returned by a method's init(), got {type(adapters)}"
         )
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    leaves = jax.tree_util.tree_leaves(body, is_leaf=_is_node)
+    leaves = jax.tree_util.tree_leaves(_body(adapters), is_leaf=_is_node)
     nodes = {}
     for leaf in leaves:
         if not isinstance(leaf, Adapter):
@@ -192,16 +254,11 @@ def shared_state(adapters: dict[str, Any]) -> dict[str, Any]:
     return adapters.get(SHARED_KEY, {})
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Turns ``{"a/b/c": x}`` into ``{"a": {"b": {"c": x}}}``, the layout of adapter trees."""
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        *head, last = path.split("/")
-        d = out
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = value
-    return out
+def replace_shared(adapters: dict[str, Any], entries: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``adapters`` with the shared entries in ``entries`` replaced."""
+    if not entries:
+        return adapters
+    return {**adapters, SHARED_KEY: {**shared_state(adapters), **entries}}
 
 
 def check_kernel(node: Adapter, w: Any) -> None:
@@ -329,15 +386,12 @@ def labels(adapters: Any) -> Any:
             return dataclasses.replace(x, **{f: x.LABELS[f] for f in x.ARRAYS})
         return FROZEN
 
-    body = {k: v for k, v in adapters.items() if k not in _RESERVED}
-    out = jax.tree_util.tree_map(label_node, body, is_leaf=_is_node)
-    if FULL_KEY in adapters:
-        out[FULL_KEY] = jax.tree_util.tree_map(lambda x: FULL, adapters[FULL_KEY])
-    if SHARED_KEY in adapters:
-        # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
-        # otherwise
-        out[SHARED_KEY] = jax.tree_util.tree_map(label_node, adapters[SHARED_KEY], is_leaf=_is_node)
-    return out
+    # shared cross-layer state (VeRA's random matrices) is frozen unless a node says
+    # otherwise
+    by_node = functools.partial(jax.tree_util.tree_map, label_node, is_leaf=_is_node)
+    return map_parts(
+        adapters, by_node, by_node, functools.partial(jax.tree_util.tree_map, lambda x: FULL)
+    )
 
 
 def num_trainable(adapters: Any) -> int:

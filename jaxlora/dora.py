@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
-from jaxlora.lora import canonical_kernel, init_lora
+from jaxlora.lora import PEFT_FORMAT, canonical_kernel, init_lora
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike
 
 __all__ = ["DoraAdapter", "column_norm", "dora"]
@@ -47,6 +47,7 @@ def column_norm(w: jax.Array, layout: KernelLayout) -> jax.Array:
     return norm.reshape(*layout.stack_shape, *layout.out_shape)
 
 
+@functools.partial(PEFT_FORMAT.add_variant, use_dora=True)
 @register_adapter
 class DoraAdapter(Adapter):
     """DoRA factors and magnitude of one kernel (stacked along the kernel's stack axes)."""

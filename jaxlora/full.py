@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import FULL_KEY, Method, nest
+from jaxlora.adapters import FULL_KEY, Method
+from jaxlora.keypaths import nest
 from jaxlora.targets import Target, TargetsLike, as_targets, match
 
 __all__ = ["full"]

@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import Adapter, Factors, Method, nest, register_adapter, unmerge
-from jaxlora.targets import (
-    KernelLayout,
-    TargetError,
-    TargetsLike,
-    is_kernel_leaf,
-    path_str,
-    select,
-)
+from jaxlora.adapters import Adapter, Factors, Method, register_adapter, unmerge
+from jaxlora.interop import peft
+from jaxlora.keypaths import nest
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, is_kernel_leaf, path_str, select
 
 __all__ = [
+    "PEFT_FORMAT",
     "LoraAdapter",
+    "LoraPeftFormat",
     "canonical_kernel",
     "check_rank",
     "init_lora",
@@ -266,3 +264,111 @@ def pissa(key: jax.Array, params: Any, method: Method) -> tuple[Any, dict[str, A
         )
     adapters = method.init(key, params)
     return unmerge(params, adapters), adapters
+
+
+# ----------------------------------------------------------------------------- PEFT format
+
+
+class LoraPeftFormat:
+    """PEFT's ``LORA`` type for the LoRA family: LoRA, rsLoRA, LoRA-FA and (``use_dora``) DoRA.
+
+    ``A`` is written as ``lora_A.weight`` ``(r, in)`` = ``Aᵀ``, ``B`` as ``lora_B.weight``
+    ``(out, r)`` = ``Bᵀ``, a DoRA magnitude ``m`` as ``lora_magnitude_vector`` ``(out,)``.
+    PEFT's scaling is ``lora_alpha / r`` (``/ √r`` with ``use_rslora``); nodes store the
+    scale itself, so export writes ``lora_alpha = scale·r`` (or ``scale·√r``), with
+    ``rank_pattern``/``alpha_pattern`` entries for kernels whose rank or scale differs from
+    the most common one. DoRA registers its node class as the ``use_dora`` variant
+    (:meth:`add_variant`).
+    """
+
+    peft_type = "LORA"
+    suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    global_keys = ()
+
+    def __init__(self):
+        self.classes: dict[bool, type] = {False: LoraAdapter}
+        """``use_dora`` -> the node class imported for it."""
+
+    def add_variant(self, cls: type, *, use_dora: bool) -> type:
+        """Registers ``cls`` (with LoRA's fields, plus ``m`` for DoRA) for ``use_dora``."""
+        self.classes[use_dora] = cls
+        return cls
+
+    def _dora(self, node: Adapter) -> bool:
+        return True in self.classes and isinstance(node, self.classes[True])
+
+    def claims(self, node: Adapter) -> bool:
+        return isinstance(node, tuple(self.classes.values()))
+
+    def export(self, adapters, nodes, module_names, *, use_rslora: bool = False, **_):
+        dora = {self._dora(n) for n in nodes.values()}
+        if len(dora) != 1:
+            raise ValueError("export_peft: PEFT cannot mix DoRA and plain LoRA in one adapter")
+        dora = dora.pop()
+        tensors: dict[str, Any] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for path, node in sorted(nodes.items()):
+            lay = node.layout
+            ns = len(lay.stack_axes)
+            names = peft.module_names_of(module_names, path, lay.num_stacked)
+            a = peft.per_layer(node.a, ns, (lay.d_in, node.rank))
+            b = peft.per_layer(node.b, ns, (node.rank, lay.d_out))
+            m = peft.per_layer(node.m, ns, (lay.d_out,)) if dora else [None] * len(names)
+            alpha = float(node.scale) * (math.sqrt(node.rank) if use_rslora else node.rank)
+            for name, ai, bi, mi in zip(names, a, b, m, strict=True):
+                tensors[f"{peft.PREFIX}{name}.lora_A.weight"] = ai.T
+                tensors[f"{peft.PREFIX}{name}.lora_B.weight"] = bi.T
+                if mi is not None:
+                    tensors[f"{peft.PREFIX}{name}.lora_magnitude_vector"] = mi
+                ranks[name], alphas[name] = node.rank, alpha
+        r, alpha = peft.majority(list(ranks.values())), peft.majority(list(alphas.values()))
+        config = {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": use_rslora,
+            "use_dora": dora,
+            "target_modules": sorted(ranks),
+            # exact module names, escaped: PEFT matches these keys as regexes on name suffixes
+            "rank_pattern": {re.escape(k): v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(k): v for k, v in alphas.items() if v != alpha},
+            "lora_dropout": 0.0,
+            "lora_bias": False,
+            "init_lora_weights": True,
+        }
+        return tensors, config
+
+    def build(self, config, kernels, dtype):
+        dora = bool(config.get("use_dora", False))
+        if dora not in self.classes:
+            raise ValueError("import_peft: use_dora needs jaxlora's DoRA (jaxlora.dora)")
+        cls = self.classes[dora]
+        rslora = bool(config.get("use_rslora", False))
+        nodes = {}
+        for path in kernels.paths:
+            lay = kernels.layouts[path]
+            module = kernels.first_module(path)
+            r = int(peft.pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+            alpha = float(
+                peft.pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            )
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            a = kernels.stacked(path, "lora_A.weight", (lay.d_in, r), True, dtype)
+            b = kernels.stacked(path, "lora_B.weight", (r, lay.d_out), True, dtype)
+            extra = {}
+            if dora:
+                m = kernels.stacked(path, "lora_magnitude_vector", (lay.d_out,), False, dtype)
+                extra["m"] = m.reshape(*lay.stack_shape, *lay.out_shape)
+            nodes[path] = cls(
+                layout=lay,
+                rank=r,
+                scale=scale,
+                a=a.reshape(*lay.stack_shape, *lay.in_shape, r),
+                b=b.reshape(*lay.stack_shape, r, *lay.out_shape),
+                **extra,
+            )
+        return nest(nodes)
+
+
+PEFT_FORMAT = peft.register_format(LoraPeftFormat())
+"""The registered ``LORA`` format (DoRA adds its variant to it)."""

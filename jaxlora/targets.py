@@ -25,6 +25,8 @@ from typing import Any
 
 import jax
 
+from jaxlora.keypaths import path_str
+
 __all__ = [
     "ALL_LINEAR",
     "KernelLayout",
@@ -38,42 +40,6 @@ __all__ = [
 
 class TargetError(ValueError):
     """A target spec that matches nothing or a leaf it cannot split."""
-
-
-def _key_name(key: Any) -> str | None:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def path_str(keypath: Sequence[Any]) -> str:
-    """Joins a JAX key path into the ``"/"``-separated string that targets match against.
-
-    A trailing attribute named ``value`` is dropped: it is the box of an NNX ``Variable``
-    (``kernel.value``), not part of the parameter's name.
-
-    Args:
-      keypath: A key path as produced by ``jax.tree_util.tree_flatten_with_path``.
-
-    Returns:
-      The path as a string.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> tree = {"layers": [{"kernel": jnp.zeros((2, 2))}]}
-      >>> [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-      ['layers/0/kernel']
-    """
-    parts = [_key_name(k) for k in keypath]
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
-        parts = parts[:-1]
-    return "/".join(parts)
 
 
 def is_kernel_leaf(x: Any) -> bool:

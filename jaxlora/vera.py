@@ -28,8 +28,20 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxlora.adapters import SHARED_KEY, Adapter, Factors, Method, nest, register_adapter
+from jaxlora.adapters import (
+    SHARED_KEY,
+    Adapter,
+    Factors,
+    Method,
+    SharedState,
+    register_adapter,
+    register_shared,
+    shared_state,
+)
+from jaxlora.interop import peft
+from jaxlora.keypaths import nest
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
 
 __all__ = ["NAME", "VeraAdapter", "VeraShared", "restore_shared", "strip_shared", "vera"]
@@ -38,9 +50,15 @@ NAME = "vera"
 """Key of VeRA's entry under ``adapters["__shared__"]``."""
 
 
-@dataclasses.dataclass(frozen=True)
-class VeraShared:
-    """VeRA's cross-layer state: the shared matrices and the key that regenerates them."""
+@register_shared
+class VeraShared(SharedState):
+    """VeRA's cross-layer state: the shared matrices and the key that regenerates them.
+
+    A checkpoint stores it :meth:`compact` (the key only) whenever the key regenerates the
+    matrices bit for bit (:meth:`reproducible`).
+    """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("a", "b", "key")
 
     a: Any
     """``A_s: (max_in, rank)``, or ``None`` once stripped."""
@@ -63,12 +81,20 @@ class VeraShared:
     def stripped(self) -> bool:
         return self.a is None
 
+    def compact(self) -> VeraShared:
+        return dataclasses.replace(self, a=None, b=None)
 
-jax.tree_util.register_dataclass(
-    VeraShared,
-    data_fields=["a", "b", "key"],
-    meta_fields=["impl", "rank", "max_in", "max_out", "dtype"],
-)
+    def expand(self) -> VeraShared:
+        if not self.stripped:
+            return self
+        a, b = _matrices(self)
+        return dataclasses.replace(self, a=a, b=b)
+
+    def reproducible(self) -> bool:
+        if self.stripped:
+            return True
+        again = self.compact().expand()
+        return bool(jnp.array_equal(again.a, self.a)) and bool(jnp.array_equal(again.b, self.b))
 
 
 def _kaiming_uniform(key: jax.Array, shape: tuple[int, int], fan_in: int, dtype: Any):
@@ -258,7 +284,7 @@ def strip_shared(adapters: dict[str, Any]) -> dict[str, Any]:
       >>> bool((back.a == adapters["__shared__"]["vera"].a).all())
       True
     """
-    return _replace_shared(adapters, lambda sh: dataclasses.replace(sh, a=None, b=None))
+    return _replace_shared(adapters, VeraShared.compact)
 
 
 def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
@@ -274,10 +300,102 @@ def restore_shared(adapters: dict[str, Any]) -> dict[str, Any]:
       ValueError: If ``adapters`` has no VeRA shared state.
     """
 
-    def restore(sh: VeraShared) -> VeraShared:
-        if not sh.stripped:
-            return sh
-        a, b = _matrices(sh)
-        return dataclasses.replace(sh, a=a, b=b)
+    return _replace_shared(adapters, VeraShared.expand)
 
-    return _replace_shared(adapters, restore)
+
+# ----------------------------------------------------------------------------- PEFT format
+
+
+class VeraPeftFormat:
+    """PEFT's ``VERA`` type: ``vera_lambda_d`` ``(r,)`` and ``vera_lambda_b`` ``(out,)`` per
+    module, the shared ``A_s``/``B_s`` as ``base_model.vera_A``/``_B`` ``(r, max_in)``,
+    ``(max_out, r)``, written with ``save_projection`` so PEFT need not regenerate them from a
+    torch seed (which JAX cannot reproduce)."""
+
+    peft_type = "VERA"
+    suffixes = ("vera_lambda_d", "vera_lambda_b")
+    global_keys = ("base_model.vera_A", "base_model.vera_B")
+
+    def claims(self, node: Adapter) -> bool:
+        return isinstance(node, VeraAdapter)
+
+    def export(self, adapters, nodes, module_names, **_):
+        shared = shared_state(adapters).get(NAME)
+        if shared is None or shared.stripped:
+            raise ValueError(
+                "export_peft: VeRA needs its shared matrices; pass the full tree (or "
+                "jaxlora.vera.restore_shared(adapters))"
+            )
+        tensors: dict[str, Any] = {
+            "base_model.vera_A": np.asarray(shared.a).T,
+            "base_model.vera_B": np.asarray(shared.b).T,
+        }
+        targets = []
+        for path, node in sorted(nodes.items()):
+            lay = node.layout
+            if node.rank != shared.rank:
+                raise ValueError(
+                    f"export_peft: VeRA adapter at {path!r} has rank {node.rank} but the shared "
+                    f"matrices {shared.rank}; PEFT has one rank for all layers"
+                )
+            ns = len(lay.stack_axes)
+            names = peft.module_names_of(module_names, path, lay.num_stacked)
+            d = peft.per_layer(node.d, ns, (node.rank,))
+            b = peft.per_layer(node.b, ns, (lay.d_out,))
+            for name, di, bi in zip(names, d, b, strict=True):
+                tensors[f"{peft.PREFIX}{name}.vera_lambda_d"] = di
+                tensors[f"{peft.PREFIX}{name}.vera_lambda_b"] = bi
+                targets.append(name)
+        config = {
+            "r": shared.rank,
+            "target_modules": sorted(targets),
+            "projection_prng_key": 0,
+            "save_projection": True,
+            "vera_dropout": 0.0,
+            "d_initial": 0.1,
+            "init_weights": True,
+        }
+        return tensors, config
+
+    def build(self, config, kernels, dtype):
+        r = int(config["r"])
+        if any(k not in kernels.tensors for k in self.global_keys):
+            raise ValueError(
+                "import_peft: the VeRA adapter was saved without its projections "
+                "(save_projection=False); PEFT regenerates them with torch's generator, which "
+                "JAX cannot reproduce"
+            )
+        a_s = jnp.asarray(kernels.tensors["base_model.vera_A"].T, dtype)
+        b_s = jnp.asarray(kernels.tensors["base_model.vera_B"].T, dtype)
+        nodes = {}
+        for path in kernels.paths:
+            lay = kernels.layouts[path]
+            if lay.d_in > a_s.shape[0] or lay.d_out > b_s.shape[1]:
+                raise ValueError(
+                    f"import_peft: kernel {path!r} ({lay.d_in}->{lay.d_out}) is larger than the "
+                    f"shared VeRA projections ({a_s.shape[0]}->{b_s.shape[1]})"
+                )
+            d = kernels.stacked(path, "vera_lambda_d", (r,), False, dtype)
+            b = kernels.stacked(path, "vera_lambda_b", (lay.d_out,), False, dtype)
+            nodes[path] = VeraAdapter(
+                layout=lay, rank=r, d=d, b=b.reshape(*lay.stack_shape, *lay.out_shape)
+            )
+        tree = nest(nodes)
+        # the key beside imported matrices does not regenerate them: checkpoints store them
+        key = jax.random.key(int(config.get("projection_prng_key", 0)))
+        tree[SHARED_KEY] = {
+            NAME: VeraShared(
+                a=a_s,
+                b=b_s,
+                key=jax.random.key_data(key),
+                impl=str(jax.random.key_impl(key)),
+                rank=r,
+                max_in=int(a_s.shape[0]),
+                max_out=int(b_s.shape[1]),
+                dtype=jnp.dtype(dtype).name,
+            )
+        }
+        return tree
+
+
+PEFT_FORMAT = peft.register_format(VeraPeftFormat())

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxlora as jl
+from jaxlora import profiling
 from jaxlora import sharding as sh
 from jaxlora.models import llama
 
@@ -48,7 +49,7 @@ def counts(config, mesh_shape, preset, gather, batch, seq):
     mesh = sh.make_mesh(mesh_shape)
     init = functools.partial(llama.init_params, config=config)
     shapes = jax.eval_shape(init, jax.random.key(0))
-    psh = sh.param_shardings(shapes, sh.llama_rules(preset), mesh)
+    psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
     method = jl.lora(rank=8, targets="all-linear")
     adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
     ash = sh.adapter_shardings(adapters, psh)
@@ -78,8 +79,8 @@ def counts(config, mesh_shape, preset, gather, batch, seq):
     kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim >= 2}
     rows = {}
     for name, lowered in programs.items():
-        cs = sh.collectives(lowered.compile().as_text())
-        row = {op: sum(c.op == op for c in cs) for op in sh.COLLECTIVES}
+        cs = profiling.collectives(lowered.compile().as_text())
+        row = {op: sum(c.op == op for c in cs) for op in profiling.COLLECTIVES}
         row["kernel AG"] = sum(c.op == "all-gather" and c.shapes[-1] in kernels for c in cs)
         row["kernel RS/AR"] = sum(
             c.op in ("reduce-scatter", "all-reduce") and bool(set(c.shapes) & kernels) for c in cs
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
         num_heads=8,
         num_kv_heads=4,
     )
-    cols = ["kernel AG", "kernel RS/AR", *sh.COLLECTIVES]
+    cols = ["kernel AG", "kernel RS/AR", *profiling.COLLECTIVES]
     print(f"{'preset':<12}{'scan':<6}{'program':<9}" + "".join(f"{c:>20}" for c in cols))
     for name in args.presets.split(","):
         mesh_shape, preset, gather = MESHES[name]

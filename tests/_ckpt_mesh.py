@@ -75,7 +75,7 @@ def targets(name: str, mesh=None):
     opt_target = jax.eval_shape(TX.init, target)
     if mesh is None:
         return target, opt_target, None, None
-    psh = sh.param_shardings(abstract_params(), sh.llama_rules("fsdp"), mesh)
+    psh = sh.param_shardings(abstract_params(), llama.partition_rules("fsdp"), mesh)
     ash = sh.adapter_shardings(target, psh)
     return target, opt_target, ash, sh.opt_state_shardings(TX, target, ash)
 

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxlora as jl
-from jaxlora import distributed
+from jaxlora import distributed, profiling
 from jaxlora import sharding as sh
 from jaxlora.adapters import SHARED_KEY, adapter_nodes
 from jaxlora.models import llama
@@ -127,7 +127,7 @@ def _sharded(name: str, preset: str, scan: bool):
     spec = _spec(name)
     mesh = sh.make_mesh(MESHES[preset])
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, sh.llama_rules(preset), mesh)
+    psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
     # the base is initialised straight into its shards, as a real run would
     params = jax.jit(_init_params(config), out_shardings=psh)(jax.random.key(0))
     adapters = sh.init_adapters(spec, jax.random.key(1), params, psh)
@@ -233,7 +233,7 @@ def test_fsdp_gathers_each_frozen_kernel_once(scan):
     config = _config(scan)
     mesh = sh.make_mesh(MESHES["fsdp"])
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, sh.llama_rules("fsdp"), mesh)
+    psh = sh.param_shardings(shapes, llama.partition_rules("fsdp"), mesh)
     method = jl.lora(rank=4, targets="all-linear")
     adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
     ash = sh.adapter_shardings(adapters, psh)
@@ -252,8 +252,8 @@ def test_fsdp_gathers_each_frozen_kernel_once(scan):
     )
     forward = jax.jit(jl.adapt(sh.gathered(loss_fn, psh, ("fsdp",))), in_shardings=(psh, ash, bsh))
     state = jax.eval_shape(tx.init, adapters)
-    in_step = sh.collectives(step.lower(shapes, adapters, state, batch).compile().as_text())
-    in_fwd = sh.collectives(forward.lower(shapes, adapters, batch).compile().as_text())
+    in_step = profiling.collectives(step.lower(shapes, adapters, state, batch).compile().as_text())
+    in_fwd = profiling.collectives(forward.lower(shapes, adapters, batch).compile().as_text())
 
     kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim >= 2}
     split = sum(  # base leaves stored split over fsdp, each needed whole by the forward

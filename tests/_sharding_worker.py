@@ -55,7 +55,7 @@ def main() -> None:
 
     mesh = sh.make_mesh(_mesh_shape(args.mesh))
     shapes = jax.eval_shape(init_params, jax.random.key(0))
-    psh = sh.param_shardings(shapes, sh.llama_rules(args.preset), mesh)
+    psh = sh.param_shardings(shapes, llama.partition_rules(args.preset), mesh)
     # no arguments: a process-local key cannot feed a computation spanning all processes
     params = jax.jit(lambda: init_params(jax.random.key(0)), out_shardings=psh)()
     method = jl.lora(rank=4, alpha=8.0, targets="all-linear")

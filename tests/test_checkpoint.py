@@ -154,7 +154,7 @@ def test_vera_stores_the_key_not_the_matrices(tmp_path):
     adapters = jl.vera(rank=32, targets=".*kernel").init(jax.random.key(0), params)
     with CheckpointManager(tmp_path, async_save=False) as mgr:
         mgr.save(0, adapters=adapters)
-        assert mgr.metadata(0)["vera_storage"] == "key"
+        assert mgr.metadata(0)["shared_storage"] == {"vera": "compact"}
     vectors = array_bytes({k: v for k, v in adapters.items() if k != "__shared__"})
     matrices = array_bytes(adapters["__shared__"])
     size = checkpoint_bytes(tmp_path / "0" / "adapters")
@@ -170,7 +170,7 @@ def test_vera_matrices_that_the_key_does_not_regenerate_are_stored(tmp_path):
     adapters["__shared__"]["vera"] = dataclasses.replace(sh, a=sh.a + 1.0)
     with CheckpointManager(tmp_path, async_save=False) as mgr:
         mgr.save(0, adapters=adapters)
-        assert mgr.metadata(0)["vera_storage"] == "matrices"
+        assert mgr.metadata(0)["shared_storage"] == {"vera": "full"}
         st = mgr.restore(adapters=jax.eval_shape(method.init, jax.random.key(0), PARAMS))
     assert_trees_equal(st.adapters, adapters)
 

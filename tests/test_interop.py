@@ -231,12 +231,12 @@ def test_export_refusals_and_atomicity(tmp_root, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         jl.export_peft(out, adapters, names)
 
-    from jaxlora import interop
+    from jaxlora.interop import files
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(interop, "_save_safetensors", fail)
+    monkeypatch.setattr(files, "save_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         jl.export_peft(out, jax.tree_util.tree_map(jnp.zeros_like, adapters), names, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _model_fixtures import hf_llama, random_batch, torch_forward
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
+from jaxlora.keypaths import path_str
 from jaxlora.models import llama, loaders
+from jaxlora.sharding import param_specs
 
 # (name, transformers config overrides, jaxlora config overrides)
 CASES = [
@@ -156,3 +160,43 @@ def test_hf_config_round_trip_and_errors():
         )
     with pytest.raises(ValueError, match="num_kv_heads"):
         dataclasses.replace(c, num_kv_heads=3)
+
+
+_TINY = llama.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2
+)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_partition_rule_presets(scan):
+    config = dataclasses.replace(_TINY, scan_layers=scan)
+    shapes = jax.eval_shape(functools.partial(llama.init_params, config=config), jax.random.key(0))
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    lead = (None,) if scan else ()
+    layer = (lambda p: f"layers/{p}") if scan else (lambda p: f"layers/1/{p}")
+    expect = {
+        "fsdp": {
+            "attn/q_proj/kernel": ("fsdp", None),
+            "attn/o_proj/kernel": (None, "fsdp"),
+            "mlp/down_proj/kernel": (None, "fsdp"),
+            "input_norm/scale": (None,),
+        },
+        "fsdp_tp": {
+            "attn/k_proj/kernel": ("fsdp", "tensor"),
+            "attn/o_proj/kernel": ("tensor", "fsdp"),
+            "mlp/up_proj/kernel": ("fsdp", "tensor"),
+            "post_attn_norm/scale": (None,),
+        },
+    }
+    for preset, kernels in expect.items():
+        specs = param_specs(shapes, llama.partition_rules(preset), mesh)
+        flat = {path_str(k): s for k, s in jax.tree_util.tree_leaves_with_path(specs)}
+        for path, spec in kernels.items():
+            assert flat[layer(path)] == P(*lead, *spec), (preset, path)
+        assert flat["final_norm/scale"] == P(None)
+        top = {"fsdp": (("fsdp", None), (None, "fsdp")), "fsdp_tp": (("fsdp", "tensor"),) * 2}
+        assert flat["lm_head/kernel"] == P(*top[preset][0])
+    dp = param_specs(shapes, llama.partition_rules("dp"), mesh)
+    assert all(all(e is None for e in s) for s in jax.tree_util.tree_leaves(dp))
+    with pytest.raises(ValueError, match="unknown preset"):
+        llama.partition_rules("zero3")

@@ -26,8 +26,10 @@ from jax.sharding import PartitionSpec as P
 import jaxlora as jl
 from jaxlora import distributed
 from jaxlora import sharding as sh
-from jaxlora.adapters import SHARED_KEY, Adapter, Factors, nest, register_adapter
+from jaxlora.adapters import SHARED_KEY, Adapter, Factors, register_adapter
+from jaxlora.keypaths import nest
 from jaxlora.models import llama
+from jaxlora.sharding.step import _drop_axes
 from jaxlora.targets import Target, select
 
 HERE = pathlib.Path(__file__).parent
@@ -74,39 +76,6 @@ def test_make_mesh_on_one_device_has_all_axes():
 
 
 # ----------------------------------------------------------------------------- rules
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_llama_presets(scan):
-    shapes = _shapes(scan)
-    lead = (None,) if scan else ()
-    layer = (lambda p: f"layers/{p}") if scan else (lambda p: f"layers/1/{p}")
-    expect = {
-        "fsdp": {
-            "attn/q_proj/kernel": ("fsdp", None),
-            "attn/o_proj/kernel": (None, "fsdp"),
-            "mlp/down_proj/kernel": (None, "fsdp"),
-            "input_norm/scale": (None,),
-        },
-        "fsdp_tp": {
-            "attn/k_proj/kernel": ("fsdp", "tensor"),
-            "attn/o_proj/kernel": ("tensor", "fsdp"),
-            "mlp/up_proj/kernel": ("fsdp", "tensor"),
-            "post_attn_norm/scale": (None,),
-        },
-    }
-    for preset, kernels in expect.items():
-        specs = sh.param_specs(shapes, sh.llama_rules(preset), MESH)
-        flat = {jl.targets.path_str(k): s for k, s in jax.tree_util.tree_leaves_with_path(specs)}
-        for path, spec in kernels.items():
-            assert flat[layer(path)] == P(*lead, *spec), (preset, path)
-        assert flat["final_norm/scale"] == P(None)
-        top = {"fsdp": (("fsdp", None), (None, "fsdp")), "fsdp_tp": (("fsdp", "tensor"),) * 2}
-        assert flat["lm_head/kernel"] == P(*top[preset][0])
-    dp = sh.param_specs(shapes, sh.llama_rules("dp"), MESH)
-    assert all(all(e is None for e in s) for s in jax.tree_util.tree_leaves(dp))
-    with pytest.raises(ValueError, match="unknown preset"):
-        sh.llama_rules("zero3")
 
 
 def test_rules_errors_name_the_path():
@@ -157,10 +126,16 @@ def test_vera_and_dora_vectors_follow_the_output_axis():
 
 @register_adapter
 class _ThirdParty(Adapter):
-    """An adapter class that declares no AXES: its axes are inferred from shapes."""
+    """An adapter class from outside jaxlora: its AXES say how each array shards."""
 
     ARRAYS: ClassVar[tuple[str, ...]] = ("a", "b", "scale_out", "gate")
     LABELS: ClassVar[dict[str, str]] = {"a": "a", "b": "b", "scale_out": "s", "gate": "g"}
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "a": ("stack", "in", "rank"),
+        "b": ("stack", "rank", "out"),
+        "scale_out": ("stack", "out"),
+        "gate": ("stack", "rank", "rank"),  # axes of its own: stack kept, the rest replicated
+    }
 
     layout: Any
     rank: int
@@ -173,7 +148,12 @@ class _ThirdParty(Adapter):
         return Factors(self.a, self.b, 1.0, self.scale_out)
 
 
-def test_axes_inferred_for_adapters_without_declaration():
+@register_adapter
+class _Undeclared(_ThirdParty):
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {"a": ("stack", "in", "rank")}
+
+
+def test_axes_declared_by_third_party_adapters():
     params = {"w": jnp.zeros((5, 8, 12)), "head": jnp.zeros((8, 12))}
     (layout,) = select(params, "w").values()
 
@@ -184,16 +164,23 @@ def test_axes_inferred_for_adapters_without_declaration():
             a=jnp.zeros((5, 8, rank)),
             b=jnp.zeros((5, rank, 12)),
             scale_out=jnp.zeros((5, 12)),
-            gate=jnp.zeros((5, 3, 3)),  # fits nothing: stack axis kept, the rest replicated
+            gate=jnp.zeros((5, 3, 3)),
         )
 
     specs = {"w": P("tensor", "fsdp", "data"), "head": P(None, "data")}
     got = sh.adapter_specs(nest({"w": node(4)}), specs)["w"]
     assert (got.a, got.b) == (P("tensor", "fsdp", None), P("tensor", None, "data"))
     assert (got.scale_out, got.gate) == (P("tensor", "data"), P("tensor", None, None))
-    # rank == d_out: scale_out fits (stack, out) and (stack, rank): replicated, not guessed
+    # rank == d_out: the declaration decides, no shape is guessed
     got = sh.adapter_specs(nest({"w": node(12)}), specs)["w"]
-    assert got.scale_out == P("tensor", None)
+    assert got.scale_out == P("tensor", "data")
+    # an array without a declaration, or one that does not fit it, is a clear error
+    odd = _Undeclared(**{f: getattr(node(4), f) for f in ("layout", "rank", *_ThirdParty.ARRAYS)})
+    with pytest.raises(sh.ShardingError, match=r"_Undeclared.b at 'w' has no axis groups"):
+        sh.adapter_specs(nest({"w": odd}), specs)
+    bad = dataclasses.replace(node(4), a=jnp.zeros((5, 7, 4)))
+    with pytest.raises(sh.ShardingError, match=r"_ThirdParty.a at 'w' has shape \(5, 7, 4\)"):
+        sh.adapter_specs(nest({"w": bad}), specs)
     # fully trained copies (jl.full) take the base leaf's spec
     full = jl.compose(jl.lora(rank=2, targets="w"), jl.full(targets="head"))
     adapters = jax.eval_shape(full.init, jax.random.key(0), params)
@@ -207,7 +194,7 @@ def test_axes_inferred_for_adapters_without_declaration():
 
 def test_opt_state_follows_adapters_through_masks_and_labels():
     shapes = _shapes(scan=True)
-    specs = sh.param_specs(shapes, sh.llama_rules("fsdp_tp"), MESH)
+    specs = sh.param_specs(shapes, llama.partition_rules("fsdp_tp"), MESH)
     adapters = jax.eval_shape(
         jl.lora_fa(rank=4, targets="all-linear").init, jax.random.key(0), shapes
     )
@@ -230,7 +217,7 @@ def test_opt_state_follows_adapters_through_masks_and_labels():
 
 def test_opt_state_over_params_and_adapters():
     shapes = _shapes(scan=False)
-    specs = sh.param_specs(shapes, sh.llama_rules("fsdp"), MESH)
+    specs = sh.param_specs(shapes, llama.partition_rules("fsdp"), MESH)
     adapters = jax.eval_shape(
         jl.lora(rank=4, targets=".*q_proj/kernel").init, jax.random.key(0), shapes
     )
@@ -248,24 +235,9 @@ def test_opt_state_over_params_and_adapters():
 
 
 def test_gathered_drops_only_the_gathered_axes():
-    assert sh._drop_axes(P("fsdp", ("data", "tensor"), None), ("fsdp", "data")) == P(
+    assert _drop_axes(P("fsdp", ("data", "tensor"), None), ("fsdp", "data")) == P(
         None, "tensor", None
     )
-
-
-def test_collectives_parses_combined_and_async_ops():
-    text = "\n".join(
-        [
-            "  %a = (f32[4,2]{1,0}, f32[]) all-reduce(f32[4,2]{1,0} %x, f32[] %y), to_apply=%s",
-            "  ROOT %g = f32[8,4]{1,0} all-gather-start(f32[1,4]{1,0} %p), dimensions={0}",
-            "  %d = f32[8,4]{1,0} all-gather-done(f32[8,4]{1,0} %g)",
-            "  %m = f32[8,4]{1,0} multiply(f32[8,4]{1,0} %d, f32[8,4]{1,0} %d)",
-        ]
-    )
-    assert sh.collectives(text) == [
-        sh.Collective("all-reduce", ((4, 2), ())),
-        sh.Collective("all-gather", ((8, 4),)),
-    ]
 
 
 def test_distributed_initialize_is_env_driven():

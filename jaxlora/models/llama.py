@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxlora.models._layers import attention, attention_mask_4d, rotary_embedding
 
@@ -434,3 +435,65 @@ def generate(
         _greedy(params, buffer, config=config, prompt_len=prompt.shape[1], eos_id=eos_id)
     )
     return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------- sharding
+
+_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel"
+_ROW = r"(o_proj|down_proj)/kernel"
+
+PARTITION_PRESETS: dict[str, tuple[tuple[str, P], ...]] = {
+    # Everything replicated: pure data parallelism over the batch axes.
+    "dp": ((r".*", P()),),
+    # ZeRO-3 style: every matrix split over `fsdp` on its model-width (d) axis, gathered
+    # where used. Column-parallel kernels (d, n) split d_in, row-parallel ones (n, d) d_out,
+    # so for both the adapter factor on the d side is split too and the rank side small.
+    "fsdp": (
+        (rf"(.*/)?{_COLUMN}", P("fsdp", None)),
+        (rf"(.*/)?{_ROW}", P(None, "fsdp")),
+        (r"embed/embedding", P(None, "fsdp")),
+        (r"lm_head/kernel", P("fsdp", None)),
+        (r".*", P()),
+    ),
+    # Megatron tensor parallelism: column-parallel kernels split their outputs (so heads
+    # and MLP units are split), row-parallel ones their inputs; the vocabulary is split too.
+    "tp": (
+        (rf"(.*/)?{_COLUMN}", P(None, "tensor")),
+        (rf"(.*/)?{_ROW}", P("tensor", None)),
+        (r"embed/embedding", P("tensor", None)),
+        (r"lm_head/kernel", P(None, "tensor")),
+        (r".*", P()),
+    ),
+    # Both: FSDP on the model-width axis, tensor parallelism on the other one.
+    "fsdp_tp": (
+        (rf"(.*/)?{_COLUMN}", P("fsdp", "tensor")),
+        (rf"(.*/)?{_ROW}", P("tensor", "fsdp")),
+        (r"embed/embedding", P("tensor", "fsdp")),
+        (r"lm_head/kernel", P("fsdp", "tensor")),
+        (r".*", P()),
+    ),
+}
+
+
+def partition_rules(preset: str = "fsdp") -> tuple[tuple[str, P], ...]:
+    """Partition rules (for :func:`jaxlora.sharding.param_specs`) of these parameters,
+    scanned or not.
+
+    Args:
+      preset: ``"dp"`` (replicated), ``"fsdp"`` (every matrix split over ``fsdp`` on its
+        model-width axis), ``"tp"`` (Megatron column/row tensor parallelism over
+        ``tensor``) or ``"fsdp_tp"`` (both).
+
+    Returns:
+      The rules, ending with ``(".*", P())`` (norm scales are replicated).
+
+    Raises:
+      ValueError: For an unknown preset.
+
+    Examples:
+      >>> dict(partition_rules("fsdp_tp"))[r"lm_head/kernel"]
+      P('fsdp', 'tensor')
+    """
+    if preset not in PARTITION_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PARTITION_PRESETS)}")
+    return PARTITION_PRESETS[preset]

@@ -1,0 +1,529 @@
+"""The checkpoint manager: orbax's ``CheckpointManager`` plus what a fine-tuning run needs.
+
+Each step is a composite orbax item: ``adapters``, ``opt_state`` and (for methods that move
+the base) ``base`` as plain nested trees (:mod:`jaxlora.checkpoint.layout`), and ``meta``:
+JSON with the format version, step, RNG key, data position, metrics, the adapters'
+description (:mod:`jaxlora.checkpoint.describe`), how shared state and frozen arrays were
+stored (:mod:`jaxlora.checkpoint.storage`), and the manifest of every tree. Saving writes
+exactly that; restoring checks the target against it, reads, unpacks, and puts back what
+was left out, each a function of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxlora._version import version
+from jaxlora.adapters import adapter_nodes
+from jaxlora.checkpoint import layout, storage
+from jaxlora.checkpoint.describe import compare_descriptions, describe_adapters, short
+from jaxlora.checkpoint.errors import CheckpointError
+from jaxlora.keypaths import flatten, path_str
+
+__all__ = ["FORMAT_VERSION", "CheckpointManager", "TrainState"]
+
+FORMAT_VERSION = 2
+"""Version of the layout written by :class:`CheckpointManager`; newer ones are refused.
+Version 2 names how each shared-state entry was stored (``shared_storage``); version 1
+recorded VeRA's alone (``vera_storage``)."""
+
+_ADAPTERS, _OPT_STATE, _BASE, _META = "adapters", "opt_state", "base", "meta"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What :meth:`CheckpointManager.restore` returns."""
+
+    step: int
+    """The step the checkpoint was saved at."""
+    adapters: Any
+    """The adapters tree (compactly stored shared state expanded again)."""
+    opt_state: Any
+    """The optimizer state, or ``None`` if none was saved or asked for."""
+    rng: Any
+    """The RNG key (typed if a typed key was saved), or ``None``."""
+    data_position: int
+    """Where the data stream was (e.g. the number of examples consumed)."""
+    base: Any
+    """The ``base`` passed to restore with the checkpoint's moved kernels put in (Delta-LoRA),
+    or ``None`` when no base was passed."""
+    metrics: dict[str, float] | None
+    """The metrics saved with the step."""
+
+
+def _replicated() -> NamedSharding:
+    # Replicated over every device of every process: valid as a global sharding in a
+    # multi-host run too, where a single-device sharding would not be.
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    return NamedSharding(mesh, P())
+
+
+def _rng_json(rng: Any) -> dict[str, Any] | None:
+    if rng is None:
+        return None
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(rng) if typed else rng
+    return {
+        "typed": bool(typed),
+        "impl": str(jax.random.key_impl(rng)) if typed else None,
+        "data": np.asarray(data).tolist(),
+        "dtype": np.dtype(np.asarray(data).dtype).name,
+    }
+
+
+def _rng_from_json(saved: dict[str, Any] | None) -> Any:
+    if saved is None:
+        return None
+    data = jnp.asarray(np.asarray(saved["data"], dtype=saved["dtype"]))
+    return jax.random.wrap_key_data(data, impl=saved["impl"]) if saved["typed"] else data
+
+
+def _metrics_json(metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if metrics is None:
+        return None
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _shared_storage(meta: dict[str, Any]) -> dict[str, str]:
+    if "shared_storage" in meta:
+        return meta["shared_storage"]
+    old = meta.get("vera_storage")  # format 1
+    return {} if old is None else {"vera": storage.COMPACT if old == "key" else storage.FULL}
+
+
+def _base_kernels(base: Any, adapters: Any) -> dict[str, Any]:
+    """The targeted kernels of ``base``, keyed by path: what a base-moving method stores."""
+    wanted = set(adapter_nodes(adapters))
+    kernels = {p: x for p, x in flatten(base).items() if p in wanted}
+    missing = sorted(wanted - set(kernels))
+    if missing:
+        raise CheckpointError(f"base lacks the targeted kernels {short(missing)}")
+    return kernels
+
+
+def _shard_leaves(name: str, leaves: list[Any], shardings: Any) -> list[Any]:
+    if shardings is None:
+        return [getattr(x, "sharding", None) for x in leaves]
+    out = jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )
+    if len(out) != len(leaves):
+        raise CheckpointError(f"{name} shardings have {len(out)} leaves, the target {len(leaves)}")
+    return out
+
+
+class _Plan(NamedTuple):
+    """How to read one item: its treedef, leaf paths and abstract (sharded) leaves."""
+
+    treedef: Any
+    paths: list[tuple[str, ...]]
+    abstract: list[jax.ShapeDtypeStruct]
+
+
+def _plan(name: str, target: Any, shardings: Any, manifests: dict[str, Any]) -> _Plan:
+    """Checks ``target`` against the saved manifest and gives every leaf a sharding."""
+    paths, leaves, treedef = layout.leaf_paths(target)
+    want, have = layout.manifest(paths, leaves), manifests.get(name, [])
+    if want != have:
+        w = {p: (s, d) for p, s, d in want}
+        h = {p: (s, d) for p, s, d in have}
+        diff = [
+            f"{p}: checkpoint {h.get(p, 'absent')}, target {w.get(p, 'absent')}"
+            for p in sorted(set(w) | set(h))
+            if w.get(p) != h.get(p)
+        ]
+        what = {_OPT_STATE: "optimizer state (another optimizer?)"}.get(name, name)
+        raise CheckpointError(
+            f"the {what} in the checkpoint does not match the target: "
+            + "; ".join(diff[:6])
+            + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        )
+    default = None
+    abstract = []
+    for x, s in zip(leaves, _shard_leaves(name, leaves, shardings), strict=True):
+        if s is None:
+            default = default or _replicated()
+            s = default
+        abstract.append(jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s))
+    return _Plan(treedef, paths, abstract)
+
+
+class CheckpointManager:
+    """Saves and restores training runs of adapters (orbax ``CheckpointManager`` inside).
+
+    Args:
+      directory: Where the step directories live (created if needed).
+      max_to_keep: Keep the latest ``max_to_keep`` steps (``None``: keep all).
+      best_metric: Name of a metric passed to :meth:`save`; the ``keep_best`` steps that
+        are best by it are kept too, whatever their age.
+      best_mode: ``"min"`` (a loss) or ``"max"`` (an accuracy).
+      keep_best: How many best steps to keep (with ``best_metric``).
+      async_save: Write in a background thread: :meth:`save` returns once the arrays are
+        copied off the devices (so they may be donated to the next step at once) and
+        :meth:`wait` blocks until the files are complete.
+      method: Optional method name (or anything with a ``name``, such as a
+        :class:`jaxlora.Method`), recorded and checked at restore.
+      store_frozen: Store frozen per-layer arrays (LoRA-FA's random ``A``). With ``False``
+        only their SHA-256 is stored, and restore takes them from the target adapters,
+        which must then be concrete, made by ``method.init`` with the run's key (a
+        mismatch is refused). That halves a LoRA-FA checkpoint. Shared state is always
+        stored compact when its method says that is exact (VeRA: the key only).
+
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp, jaxlora as jl
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapters = jl.lora(rank=2, targets=".*").init(jax.random.key(0), params)
+      >>> mgr = jl.CheckpointManager(tempfile.mkdtemp(), max_to_keep=None,
+      ...                            best_metric="loss", keep_best=1)
+      >>> for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+      ...     _ = mgr.save(step, adapters=adapters, metrics={"loss": loss})
+      >>> mgr.wait(); mgr.all_steps(), mgr.best_step()
+      ([1, 2, 3], 2)
+      >>> mgr.close()
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_best: int = 1,
+        async_save: bool = True,
+        method: Any = None,
+        store_frozen: bool = True,
+    ):
+        import orbax.checkpoint as ocp
+
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.method = getattr(method, "name", method)
+        self.store_frozen = store_frozen
+        policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+        if best_metric is not None:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            # temporary directories of saves that were killed are removed on start
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- housekeeping
+
+    def all_steps(self) -> list[int]:
+        """The steps with a complete checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or ``None``."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best complete step by ``best_metric`` (``None`` without one or no metrics)."""
+        if self.best_metric is None:
+            return None
+        scored = []
+        for step in self.all_steps():
+            m = self.metadata(step).get("metrics") or {}
+            if self.best_metric in m:
+                scored.append((m[self.best_metric], step))
+        if not scored:
+            return None
+        return (min if self.best_mode == "min" else max)(scored)[1]
+
+    def wait(self) -> None:
+        """Blocks until every pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def metadata(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of a step (the latest by default): description, manifests, ...
+
+        Raises:
+          CheckpointError: If there is no such step or its metadata cannot be read.
+        """
+        step = self._resolve_step(step)
+        ocp = self._ocp
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+            )[_META]
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: cannot "
+                f"read its metadata ({type(e).__name__}: {e})"
+            ) from e
+        if not isinstance(meta, dict) or meta.get("format") is None:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was not written by "
+                "jaxlora.CheckpointManager (its metadata has no format version)"
+            )
+        if meta["format"] > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint step {step} has format {meta['format']}, newer than this jaxlora "
+                f"({version()}) reads ({FORMAT_VERSION}); upgrade jaxlora"
+            )
+        return meta
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(
+                f"no complete checkpoint for step {step} in {self.directory}; it has {steps}"
+            )
+        return step
+
+    # -- save
+
+    def save(
+        self,
+        step: int,
+        *,
+        adapters: Any,
+        opt_state: Any = None,
+        rng: Any = None,
+        data_position: int = 0,
+        base: Any = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Writes one step (asynchronously unless ``async_save=False``).
+
+        Args:
+          step: The training step (an int; each step is written once).
+          adapters: The adapters tree.
+          opt_state: The optimizer state, or ``None``.
+          rng: The run's PRNG key (typed or raw), or ``None``.
+          data_position: Where the data stream is, to resume it.
+          base: Only for methods that move the base (Delta-LoRA): the current base params,
+            of which the targeted kernels are stored (in full; see the package docstring).
+          metrics: Scalars recorded with the step; ``best_metric`` must be among them.
+
+        Returns:
+          ``True`` (the step was saved or queued).
+
+        Raises:
+          CheckpointError: If the step exists already, or ``best_metric`` is missing.
+        """
+        step = int(step)
+        if step in self.all_steps():
+            raise CheckpointError(
+                f"step {step} is already saved in {self.directory}; refusing to overwrite it"
+            )
+        metrics = _metrics_json(metrics)
+        if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
+            raise CheckpointError(
+                f"the manager keeps the best steps by {self.best_metric!r}: pass "
+                f"metrics={{{self.best_metric!r}: ...}} to save()"
+            )
+        how = storage.shared_storage(adapters)
+        adapters = storage.compact_shared(adapters, how)
+        frozen_sha = None
+        if not self.store_frozen:
+            adapters, frozen = storage.split_frozen(adapters)
+            frozen_sha = {path: storage.fingerprint(x) for path, x in frozen.items()}
+        trees = {_ADAPTERS: adapters, _OPT_STATE: opt_state}
+        if base is not None:
+            trees[_BASE] = _base_kernels(base, adapters)
+        meta: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "jaxlora_version": version(),
+            "method": self.method,
+            "step": step,
+            "data_position": int(data_position),
+            "rng": _rng_json(rng),
+            "metrics": metrics,
+            "adapters": describe_adapters(adapters),
+            "shared_storage": how,
+            "frozen_sha256": frozen_sha,
+        }
+        self._write(step, trees, meta, metrics)
+        return True
+
+    def _write(self, step: int, trees: dict[str, Any], meta: dict[str, Any], metrics) -> None:
+        ocp = self._ocp
+        meta = {**meta, "manifests": {}, "packed": {}}
+        items: dict[str, Any] = {}
+        for name, tree in trees.items():
+            if tree is None:
+                continue
+            paths, leaves, _ = layout.leaf_paths(tree)
+            meta["manifests"][name] = layout.manifest(paths, leaves)
+            if leaves:  # orbax cannot write an empty tree (e.g. plain SGD's state)
+                nested, meta["packed"][name] = layout.pack(paths, leaves)
+                items[name] = ocp.args.StandardSave(nested)
+        items[_META] = ocp.args.JsonSave(meta)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        except ocp.checkpoint_manager.StepAlreadyExistsError as e:  # raced another writer
+            raise CheckpointError(f"step {step} is already saved in {self.directory}") from e
+
+    # -- restore
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        adapters: Any,
+        opt_state: Any = None,
+        base: Any = None,
+        adapter_shardings: Any = None,
+        opt_state_shardings: Any = None,
+    ) -> TrainState:
+        """Restores a step into the structure, dtypes and shardings of the given targets.
+
+        Args:
+          step: The step; the latest by default.
+          adapters: The target adapters tree, concrete or abstract; usually
+            ``jax.eval_shape(method.init, key, params)``. Its static configuration (method,
+            targets, rank, scale, layout) must equal the checkpoint's.
+          opt_state: The target optimizer state (e.g. ``jax.eval_shape(tx.init,
+            adapters)``), or ``None`` to skip it.
+          base: The base params (as loaded, ``W_0``). When the checkpoint holds moved
+            kernels (Delta-LoRA) they are required, and returned with those kernels put in;
+            otherwise they are returned as given.
+          adapter_shardings: A tree of ``jax.sharding.Sharding`` like ``adapters``;
+            defaults to each target leaf's own ``.sharding``, else replicated.
+          opt_state_shardings: Likewise for ``opt_state``.
+
+        Returns:
+          A :class:`TrainState`.
+
+        Raises:
+          CheckpointError: If there is no such step, the files are corrupt or truncated, or
+            the target does not match the checkpoint (another method, rank, target set,
+            shape or optimizer); the message lists the differences.
+        """
+        step = self._resolve_step(step)
+        meta = self.metadata(step)
+        self._check_method(meta, step)
+        how = _shared_storage(meta)
+        stored = storage.compact_shared(adapters, how)  # the adapters tree as it was written
+        problems = compare_descriptions(meta["adapters"], describe_adapters(stored))
+        if problems:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the target "
+                "adapters:\n  " + "\n  ".join(problems)
+            )
+        shardings = None
+        if adapter_shardings is not None:
+            shardings = storage.compact_shared(adapter_shardings, how)
+        plans = self._plans(meta, step, stored, shardings, opt_state, opt_state_shardings, base)
+        out = self._read(step, plans, meta.get("packed", {}))
+        new_adapters = out[_ADAPTERS]
+        if meta.get("frozen_sha256") is not None:
+            new_adapters = storage.fill_frozen(new_adapters, stored, shardings)
+        new_adapters = storage.expand_shared(new_adapters, how, adapter_shardings)
+        new_base = None
+        if base is not None:
+            moved = out.get(_BASE, {})
+            new_base = jax.tree_util.tree_map_with_path(
+                lambda kp, x: moved.get(path_str(kp), x), base
+            )
+        return TrainState(
+            step=step,
+            adapters=new_adapters,
+            opt_state=out.get(_OPT_STATE),
+            rng=_rng_from_json(meta.get("rng")),
+            data_position=int(meta["data_position"]),
+            base=new_base,
+            metrics=meta.get("metrics"),
+        )
+
+    def _plans(self, meta, step, stored, shardings, opt_state, opt_state_shardings, base):
+        """A :class:`_Plan` for every item to read, each checked against its manifest."""
+        manifests = meta["manifests"]
+        frozen_sha = meta.get("frozen_sha256")
+        kept, kept_shardings = stored, shardings
+        if frozen_sha is not None:
+            kept, frozen = storage.split_frozen(stored)
+            if shardings is not None:
+                kept_shardings = storage.split_frozen_like(shardings, stored)
+            storage.check_frozen(frozen, frozen_sha, step)
+        plans = {_ADAPTERS: _plan(_ADAPTERS, kept, kept_shardings, manifests)}
+        if opt_state is not None:
+            if _OPT_STATE not in manifests:
+                raise CheckpointError(f"checkpoint step {step} holds no optimizer state")
+            plans[_OPT_STATE] = _plan(_OPT_STATE, opt_state, opt_state_shardings, manifests)
+        if _BASE in manifests:
+            if base is None:
+                raise CheckpointError(
+                    f"checkpoint step {step} holds moved base kernels (Delta-LoRA): pass the "
+                    "original base params as base= so they can be put back in"
+                )
+            plans[_BASE] = _plan(_BASE, _base_kernels(base, stored), None, manifests)
+        return plans
+
+    def _read(self, step: int, plans: dict[str, _Plan], packed: dict[str, Any]) -> dict:
+        """Reads the planned items and unpacks them into trees."""
+        ocp = self._ocp
+        items = {}
+        for name, plan in plans.items():
+            if plan.paths:
+                target = layout.restore_target(
+                    plan.paths, plan.abstract, packed.get(name, {}), _replicated()
+                )
+                items[name] = ocp.args.StandardRestore(target)
+        try:
+            restored = (
+                self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        out = {}
+        for name, plan in plans.items():
+            leaves = []
+            if plan.paths:
+                leaves = layout.unpack(
+                    restored[name], plan.paths, plan.abstract, packed.get(name, {})
+                )
+            out[name] = jax.tree_util.tree_unflatten(plan.treedef, leaves)
+        return out
+
+    def _check_method(self, meta: dict[str, Any], step: int) -> None:
+        saved = meta.get("method")
+        if self.method is not None and saved is not None and saved != self.method:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was written by method "
+                f"{saved!r}, but this manager is for {self.method!r}"
+            )
