@@ -49,6 +49,7 @@ from jaxlora.adapters import (
     full_leaves,
     shared_state,
 )
+from jaxlora.quant import constrain
 from jaxlora.targets import is_kernel_leaf, path_str
 
 __all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report"]
@@ -238,6 +239,10 @@ class _Deferred:
         return len(self.shape)
 
     def then(self, eqn) -> _Deferred:
+        sharding = eqn.params.get("sharding")
+        if eqn.primitive is _SHARDING and not self.ops and hasattr(sharding, "mesh"):
+            # constrain (e.g. all-gather) the codes and scales, not a float copy
+            return _Deferred(constrain(self.q, sharding))
         return _Deferred(self.q, (*self.ops, eqn))
 
     def value(self) -> jax.Array:
@@ -761,6 +766,7 @@ def _prim(*names: str):
 
 _DOT_GENERAL = _prim("dot_general_p")
 _CONVERT, _COPY = _prim("convert_element_type_p"), _prim("copy_p")
+_SHARDING = _prim("sharding_constraint_p")
 
 # The one table of primitive-specific behaviour (see the module docstring).
 _RULES: dict[Any, Callable] = {

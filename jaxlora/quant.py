@@ -143,14 +143,54 @@ class QuantizedKernel:
         """The float kernel (logical shape and dtype)."""
         return _dequantize(self)
 
+    def partition_specs(self, spec: Any, mesh_sizes: dict[str, int]) -> QuantizedKernel:
+        """The ``PartitionSpec`` of each child for the kernel's (full-rank) ``spec``.
+
+        Every child shards like the kernel, axis by axis, so each device holds the codes
+        and the scales of the same blocks. A split of the blocked axis must therefore fall
+        on block boundaries (and on double-quantization group boundaries); int8's
+        per-column scale (one entry along that axis) is replicated along it.
+
+        Raises:
+          ValueError: If the blocked axis is split inside a block.
+        """
+        from jax.sharding import PartitionSpec
+
+        entries = [*tuple(spec), *(None,) * (self.ndim - len(tuple(spec)))]
+        ax = self.axis % self.ndim
+        entry = entries[ax]
+        names = () if entry is None else entry if isinstance(entry, tuple | list) else (entry,)
+        n = math.prod(mesh_sizes[a] for a in names)
+        unit = self.block * max(self.group, 1)
+        if n > 1 and self.kind != "int8" and (self.shape[ax] // n) % unit:
+            raise ValueError(
+                f"{self.kind} kernel of shape {self.shape} blocks its axis {ax} by {unit}, "
+                f"but {spec} splits that axis into {n} shards of {self.shape[ax] // n}, "
+                f"which cuts blocks: shard the other axis, use fewer shards, or quantize with "
+                f"a block that divides {self.shape[ax] // n}"
+            )
+
+        def child(x):
+            if x is None:
+                return None
+            e = list(entries)
+            if x.shape[ax] == 1 and self.shape[ax] != 1:
+                e[ax] = None
+            return PartitionSpec(*e)
+
+        arrays = {f: child(getattr(self, f)) for f in _CHILDREN}
+        return dataclasses.replace(self, **arrays)
+
     def __jax_array__(self) -> jax.Array:
         # lets value-reading code (DoRA's column norms, PiSSA's SVD) take a quantized kernel
         return self.dequantize()
 
 
+_CHILDREN = ("data", "scale", "offset", "scale_scale", "scale_offset")
+
 jax.tree_util.register_dataclass(
     QuantizedKernel,
-    data_fields=["data", "scale", "offset", "scale_scale", "scale_offset"],
+    data_fields=list(_CHILDREN),
     meta_fields=["kind", "axis", "block", "group", "dtype_name"],
 )
 
@@ -402,6 +442,70 @@ def dequantize(params: Any, *, targets: TargetsLike | None = None) -> Any:
         return x
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_kernel_leaf)
+
+
+# ------------------------------------------------------------------------------- GGUF
+
+
+GGML_Q4_1_BLOCK = 32
+"""Elements per llama.cpp Q4_1 block (stored as float16 ``d``, float16 ``m``, 16 bytes)."""
+
+
+def q4_1_children(blocks: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The codes and scales of a GGUF Q4_1 tensor, rows first, in this module's packing.
+
+    Args:
+      blocks: The tensor's raw bytes, ``(rows, cols / 32 * 20)`` uint8 (``gguf``'s
+        ``ReaderTensor.data``).
+      shape: The tensor's ``(rows, cols)`` (numpy order; ``cols`` is ggml's ``ne0``).
+
+    Returns:
+      ``{"data": (rows, cols/2) uint8, "scale": (rows, cols/32) float16, "offset": ...}``
+      with blocks along the last axis: transform each array like the weight itself (e.g.
+      transpose) and build a ``QuantizedKernel(kind="q4_1", block=32, ...)`` from them.
+
+    Raises:
+      ValueError: If the bytes do not hold ``shape`` in Q4_1 blocks.
+    """
+    rows, cols = shape
+    nb = cols // GGML_Q4_1_BLOCK
+    if cols % GGML_Q4_1_BLOCK or blocks.shape != (rows, nb * 20) or blocks.dtype != np.uint8:
+        raise ValueError(
+            f"Q4_1 data {blocks.dtype}{list(blocks.shape)} does not hold a {shape} tensor "
+            f"(expected uint8[{rows}, {nb * 20}])"
+        )
+    b = blocks.reshape(rows, nb, 20)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0]
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0]
+    qs = b[..., 4:]
+    # ggml: byte j holds element j (low nibble) and j + 16 (high); here pairs (2i, 2i+1)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)
+    data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    return {"data": data, "scale": d, "offset": m}
+
+
+def constrain(q: QuantizedKernel, sharding: Any) -> QuantizedKernel:
+    """``with_sharding_constraint`` of a kernel, applied to its codes and scales.
+
+    A block split by the constraint leaves the blocked axis of the children unconstrained
+    (XLA chooses) rather than failing: the constraint is a hint, not storage.
+    """
+    mesh = sharding.mesh
+    sizes = dict(mesh.shape)
+    try:
+        specs = q.partition_specs(sharding.spec, sizes)
+    except ValueError:
+        from jax.sharding import PartitionSpec
+
+        entries = [*tuple(sharding.spec), *(None,) * (q.ndim - len(tuple(sharding.spec)))]
+        entries[q.axis % q.ndim] = PartitionSpec.UNCONSTRAINED
+        specs = q.partition_specs(PartitionSpec(*entries), sizes)
+    out = {}
+    for f in _CHILDREN:
+        x, spec = getattr(q, f), getattr(specs, f)
+        named = jax.sharding.NamedSharding(mesh, spec) if x is not None else None
+        out[f] = x if x is None else jax.lax.with_sharding_constraint(x, named)
+    return dataclasses.replace(q, **out)
 
 
 def dense(x: Any) -> Any:

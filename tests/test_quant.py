@@ -7,7 +7,11 @@ built from), and each format's own error bound on random and real (MiniLM, SmolL
 
 from __future__ import annotations
 
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -408,3 +412,19 @@ def test_merge_on_quantized_base_returns_float_weights():
     assert all(x.dtype == jnp.float32 for x in leaves)
     expect = jl.merge(jl.dequantize(qparams), adapters)
     jax.tree_util.tree_map(np.testing.assert_array_equal, merged, expect)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_sharded_quantized_cases():
+    """Codes and scales shard like the kernel; sharded QLoRA == one device (8 fake CPUs)."""
+    here = pathlib.Path(__file__).parent
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", str(here / "_quant_sharded_cases.py")]
+    proc = subprocess.run(
+        cmd, env=env, cwd=here.parent, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
