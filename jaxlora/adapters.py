@@ -311,6 +311,8 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Returns:
       A pytree like ``params`` with the targeted kernels replaced by merged ones (same dtype).
+      Quantized kernels (:func:`jaxlora.quantize`) come back dequantized, targeted or not:
+      merged weights are float.
 
     Raises:
       ValueError: If a targeted kernel is missing from ``params`` or has another shape.

@@ -105,7 +105,8 @@ def delta_lora(
     Raises:
       ValueError: If ``start_step < 0``; from ``init``/``update``, if not given the pair
         ``(params, adapters)`` (e.g. the adapters alone, or no params) or if an adapter
-        rescales columns (DoRA), where the delta rule is not defined.
+        rescales columns (DoRA), where the delta rule is not defined, or if a targeted
+        kernel is quantized (see the module docstring).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxlora as jl
