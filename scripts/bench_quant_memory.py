@@ -91,7 +91,7 @@ def child(base: str) -> dict:
     cost = cost_of(compiled)
     losses = []
     for _ in range(STEPS):
-        adapters, state, metrics = compiled(params, adapters, state, ids)
+        params, adapters, state, metrics = compiled(params, adapters, state, ids)
         losses.append(float(metrics["loss"]))
     now = _status_kib("VmHWM")
     return {

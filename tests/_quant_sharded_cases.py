@@ -95,7 +95,7 @@ def test_sharded_lora_on_quantized_base_matches_one_device():
     step = jl.train_step(_loss_fn, tx, donate=False)
     ref = []
     for _ in range(STEPS):
-        adapters, state, m = step(qparams, adapters, state, _ids())
+        _, adapters, state, m = step(qparams, adapters, state, _ids())
         ref.append(float(m["loss"]))
     ref_adapters = jax.device_get(adapters)
 
@@ -113,7 +113,7 @@ def test_sharded_lora_on_quantized_base_matches_one_device():
     )  # fmt: skip
     losses = []
     for _ in range(STEPS):
-        ad, st, m = sstep(params, ad, st, distributed.put(_ids(), bsh))
+        params, ad, st, m = sstep(params, ad, st, distributed.put(_ids(), bsh))
         losses.append(float(m["loss"]))
     np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0)
     got = jax.tree_util.tree_leaves(distributed.to_host(ad))

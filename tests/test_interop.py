@@ -308,7 +308,7 @@ def test_adapters_trained_on_a_quantized_base_export_to_the_float_model(tmp_root
     tx = jl.optimizer(optax.adam(1e-2))
     step, state = jl.train_step(loss_fn, tx, donate=False), tx.init(adapters)
     for _ in range(2):  # trained on the quantized base
-        adapters, state, _ = step(qparams, adapters, state, jnp.asarray(ids))
+        _, adapters, state, _ = step(qparams, adapters, state, jnp.asarray(ids))
 
     out = jl.export_peft(
         tmp_path / "peft", adapters, jl.hf_module_names(config), task_type="CAUSAL_LM"
