@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.keypaths import path_str
+from jaxlora.quant import dense
 from jaxlora.targets import KernelLayout, is_kernel_leaf
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "adapter_nodes",
     "labels",
     "map_parts",
+    "map_targeted",
     "merge",
     "num_trainable",
     "register_adapter",
@@ -271,7 +273,11 @@ def check_kernel(node: Adapter, w: Any) -> None:
         )
 
 
-def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
+def map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
+    """``params`` with ``fn(node, w, shared)`` at every adapted kernel and
+    ``full_fn(path, copy, w)`` at every fully trained leaf, each checked against the leaf it
+    stands for; a target missing from ``params`` is an error. ``merge``, ``unmerge`` and
+    ``adapt`` are this map."""
     nodes = adapter_nodes(adapters)
     full = full_leaves(adapters)
     shared = shared_state(adapters)
@@ -279,8 +285,6 @@ def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
 
     def visit(kp, w):
         path = path_str(kp)
-        if is_kernel_leaf(w):  # merged weights are float: a quantized kernel is dequantized
-            w = w.dequantize()
         if path in full:
             seen.add(path)
             check_full_leaf(path, full[path], w)
@@ -297,6 +301,10 @@ def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
     if missing:
         raise ValueError(f"adapters target kernels missing from params: {missing}")
     return out
+
+
+def _float(params: Any) -> Any:
+    return jax.tree_util.tree_map(dense, params, is_leaf=is_kernel_leaf)
 
 
 def merge(params: Any, adapters: Any) -> Any:
@@ -324,7 +332,8 @@ def merge(params: Any, adapters: Any) -> Any:
       >>> bool((jl.merge(params, adapters)["dense"]["kernel"] == 1).all())  # B starts at 0
       True
     """
-    return _map_targeted(
+    params = _float(params)  # merged weights are float, quantized kernels included
+    return map_targeted(
         params,
         adapters,
         lambda node, w, sh: node.merge_kernel(w, sh),
@@ -360,7 +369,9 @@ def unmerge(params: Any, adapters: Any) -> Any:
             "value, so it cannot be unmerged; keep the original params instead"
         )
 
-    return _map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base)
+    return map_targeted(
+        _float(params), adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base
+    )
 
 
 def labels(adapters: Any) -> Any:

@@ -3,9 +3,9 @@
 The loss is on the answer tokens only; the table reports held-out loss before and after,
 and greedy answers to a few prompts before and after.
 
-    python -m experiments.launch --config e2_causal_lm --variant local   # CPU, ~15 min
-    python -m experiments.launch --config e2_causal_lm --variant full    # GPU/TPU host
-    python -m experiments.launch --config e2_causal_lm --variant qlora   # CPU, NF4 base
+    python -m experiments.run --config e2_causal_lm --variant local   # CPU, ~15 min
+    python -m experiments.run --config e2_causal_lm --variant full    # GPU/TPU host
+    python -m experiments.run --config e2_causal_lm --variant qlora   # CPU, NF4 base
 
 ``qlora`` is ``local``'s LoRA on an NF4 base (QLoRA: blocks of 64, double-quantized scales,
 the base kept packed and dequantized per layer inside the step), to compare with ``local``'s
