@@ -151,8 +151,6 @@ def test_qlora_variant_is_e2_lora_on_an_nf4_base():
 )
 @pytest.mark.parametrize("quant", ["nf4", "q4_1"])
 def test_causal_lm_tiny_config_on_a_quantized_base(tmp_path, quant):
-    import dataclasses
-
     config = dataclasses.replace(config_lib.load("e2_causal_lm", "tiny"), base_quantization=quant)
-    (row,) = launch.run(config, tmp_path, quiet=True)["rows"]
+    (row,) = runner.run(config, tmp_path, quiet=True)["rows"]
     assert len(row["losses"]) == 2 and row["after"]["loss"] > 0
