@@ -63,6 +63,10 @@ class ExperimentConfig:
     """Save an adapter checkpoint every this many steps (0: only at the end)."""
     generate_prompts: tuple[str, ...] = ()
     """causal_lm only: prompts whose greedy continuations are shown before and after."""
+    base_quantization: str | None = None
+    """causal_lm only: keep the frozen base quantized (QLoRA): ``"nf4"`` (NF4, blocks of 64,
+    double-quantized scales, from the float weights) or ``"q4_1"`` (the GGUF file's own
+    Q4_1 codes). None: a float32 base."""
 
 
 def adapter_methods(

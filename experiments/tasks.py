@@ -20,6 +20,7 @@ import numpy as np
 from experiments.config import ExperimentConfig
 from jaxlora import assets, data
 from jaxlora.models import bert, llama, loaders
+from jaxlora.quant import quantize
 
 
 @dataclasses.dataclass
@@ -123,7 +124,8 @@ def topic_classification(config: ExperimentConfig) -> Task:
 def causal_lm(config: ExperimentConfig) -> Task:
     """SmolLM2-135M-Instruct (from GGUF) on chatterbot question/answer dialogues."""
     gguf = assets.smollm2_gguf()
-    model_config, params = loaders.load_llama_gguf(gguf)
+    quantized = config.base_quantization == "q4_1"
+    model_config, params = loaders.load_llama_gguf(gguf, quantized=quantized)
     tokenizer = loaders.load_gguf_tokenizer(gguf)
     pairs = data.load_dialogues()
     train, val = data.train_validation_split(pairs, validation_fraction=0.2, seed=config.seed)
@@ -131,6 +133,13 @@ def causal_lm(config: ExperimentConfig) -> Task:
         data.encode_dialogues, tokenizer=tokenizer, max_length=config.max_length
     )
     params = jax.tree_util.tree_map(jnp.asarray, params)
+    if config.base_quantization == "nf4":
+        params = quantize(params, targets="all-linear", kind="nf4", double_quant=True)
+    elif config.base_quantization not in (None, "q4_1"):
+        raise ValueError(
+            f"{config.name}: base_quantization must be None, 'nf4' or 'q4_1', "
+            f"got {config.base_quantization!r}"
+        )
 
     def loss_fn(p, batch):
         lg = llama.apply(p, batch["input_ids"], batch["attention_mask"], config=model_config)

@@ -14,6 +14,7 @@ from jaxlora.methods.lora_fa import lora_fa
 from jaxlora.methods.lora_plus import lora_plus
 from jaxlora.methods.vera import vera
 from jaxlora.optim import optimizer
+from jaxlora.quant import QuantizedKernel, dequantize, quantize
 from jaxlora.recipes import Recipe, recipe
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "Method",
+    "QuantizedKernel",
     "Recipe",
     "Target",
     "TargetError",
@@ -34,6 +36,7 @@ __all__ = [
     "adapt_report",
     "compose",
     "delta_lora",
+    "dequantize",
     "distributed",
     "dora",
     "export_merged",
@@ -50,6 +53,7 @@ __all__ = [
     "merge",
     "num_trainable",
     "optimizer",
+    "quantize",
     "recipe",
     "sharded_train_step",
     "sharding",

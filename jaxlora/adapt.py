@@ -44,7 +44,8 @@ import numpy as np
 from jax import lax
 
 from jaxlora.adapters import Adapter, adapter_nodes, map_targeted, shared_state
-from jaxlora.targets import path_str
+from jaxlora.quant import constrain
+from jaxlora.targets import is_kernel_leaf, path_str
 
 __all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report"]
 
@@ -105,12 +106,16 @@ class _Ctx:
     def dropout_key(self) -> jax.Array:
         return jax.random.fold_in(self.rng, next(self._sites))
 
-    def hit(self, path: str, eqn: Any) -> None:
+    def hit(self, path: str | None, eqn: Any) -> None:
+        if path is None:  # a non-targeted quantized kernel: nothing to report
+            return
         if (path, id(eqn)) not in self._fast_sites:
             self._fast_sites.add((path, id(eqn)))
             self.report.fast[path] = self.report.fast.get(path, 0) + 1
 
     def merged(self, k: _Lazy, where: str, site: Any) -> jax.Array:
+        if k.path is None:  # a non-targeted quantized kernel, dequantized where it is used
+            return k.materialize()
         if self.strict:
             raise AdaptError(
                 f"adapt(strict=True): targeted kernel {k.path!r} flows into {where!r}, which "
@@ -172,7 +177,7 @@ class _Lazy:
         view = "".join(labels[: self.ndim])
         a, b = self.factors_as(jnp.result_type(self.w.dtype, self.a.dtype))
         delta = jnp.einsum(f"{la},{lb}->{view}", a * self.scale, b)
-        w = self.w + delta.astype(self.w.dtype)
+        w = _dense(self.w) + delta.astype(self.w.dtype)
         if self.c is not None:
             w = (w * _broadcast(self.c, lc, view)).astype(self.w.dtype)
         return w
@@ -212,10 +217,97 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
     return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path, f.dropout)
 
 
+# ----------------------------------------------------------------------------- quantized
+
+
+class _Deferred:
+    """A quantized kernel seen through layout ops (``ops``) not yet applied to it.
+
+    It stands where a lazy kernel's ``w`` would be. Layout ops are recorded, not run;
+    any other use dequantizes it right there (see :func:`_bind`), so a quantized base is
+    only ever dequantized per use, per scan step for a stacked kernel.
+    """
+
+    def __init__(self, q, ops: tuple = ()):
+        self.q, self.ops = q, ops
+        if ops and not _shape_preserving(ops):
+            aval = ops[-1].outvars[0].aval
+            self.shape, self.dtype = tuple(aval.shape), aval.dtype
+        else:  # from the codes' shape, so that a scan-sliced kernel knows its own shape
+            self.shape = tuple(q.shape)
+            self.dtype = ops[-1].outvars[0].aval.dtype if ops else q.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def then(self, eqn) -> _Deferred:
+        sharding = eqn.params.get("sharding")
+        if eqn.primitive is _SHARDING and not self.ops and hasattr(sharding, "mesh"):
+            # constrain (e.g. all-gather) the codes and scales, not a float copy
+            return _Deferred(constrain(self.q, sharding))
+        return _Deferred(self.q, (*self.ops, eqn))
+
+    def value(self) -> jax.Array:
+        x = self.q.dequantize()
+        for eqn in self.ops:
+            x = _bind(eqn, [x])[0]
+        return x
+
+    __jax_array__ = value  # value-reading factor code (DoRA's column norms)
+
+
+class _Ops:
+    """Recorded equations as pytree aux data (jaxpr equations are not hashable)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+
+jax.tree_util.register_pytree_node(
+    _Deferred, lambda d: ((d.q,), _Ops(d.ops)), lambda aux, ch: _Deferred(ch[0], aux.ops)
+)
+
+
+def _shape_preserving(ops) -> bool:
+    return all(e.primitive in (_CONVERT, _COPY) for e in ops)
+
+
+def _dense(w: Any) -> Any:
+    return w.value() if isinstance(w, _Deferred) else w
+
+
+def _untargeted(q) -> _Lazy:
+    """A quantized kernel without adapter: a lazy kernel with an empty (rank-0) update.
+
+    It then travels through scan/remat/cond/jit and layout ops exactly like a targeted
+    one and is dequantized only where it is used.
+    """
+    w = _Deferred(q)
+    ax = q.axis % w.ndim
+    roles = [STACK] * ax + [IN] + [OUT] * (w.ndim - ax - 1)
+    a = jnp.zeros((*w.shape[: ax + 1], 0), w.dtype)
+    b = jnp.zeros((*w.shape[:ax], 0, *w.shape[ax + 1 :]), w.dtype)
+    return _Lazy(w, a, b, None, roles, 1.0, None)
+
+
+def _kernel_input(x: Any, node: Adapter | None, shared: dict[str, Any]) -> Any:
+    if node is not None:
+        return _from_node(_Deferred(x) if is_kernel_leaf(x) else x, node, shared)
+    return _untargeted(x) if is_kernel_leaf(x) else x
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 def _bind(eqn, invals: Sequence[Any]) -> list[Any]:
+    if any(isinstance(x, _Deferred) for x in invals):
+        # Dequantize inside a remat region: the backward pass recomputes it from the codes
+        # instead of saving a float copy of the kernel (stacked over a scan: of the model).
+        def dequantized(*vals):
+            return _bind(eqn, [_dense(x) for x in vals])
+
+        return jax.checkpoint(dequantized)(*invals)
     params = eqn.primitive.get_bind_params(eqn.params)
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
     with manager if manager is not None else contextlib.nullcontext():
@@ -405,6 +497,8 @@ def _dot_general(ctx: _Ctx, eqn, invals):
         return None
     k = plan.k
     base = _bind(eqn, [lhs.w if k is lhs else lhs, rhs.w if k is rhs else rhs])[0]
+    if k.a.shape[-1] == 0:  # a non-targeted quantized kernel: no update
+        return [base]
     a, b = k.factors_as(k.w.dtype)
     first, second = (a, b) if plan.a_first else (b, a)
     h = ctx.prefused.pop(id(eqn), None)
@@ -444,7 +538,7 @@ def _fusion_key(plan: _Plan) -> tuple | None:
     """Plans with equal keys share ``x`` and can compute ``x·[A_1|A_2|...]`` at once."""
     a = plan.k.a
     stacked = STACK in plan.k.roles
-    if not plan.a_first or stacked or plan.mid[-1:] != plan.lf[-1:]:
+    if not plan.a_first or stacked or plan.mid[-1:] != plan.lf[-1:] or not a.shape[-1]:
         return None
     kw = tuple(sorted((k, str(v)) for k, v in plan.kw.items()))
     return (plan.xs, plan.lf, plan.mid, a.shape[:-1], str(a.dtype), str(plan.k.w.dtype), kw)
@@ -492,7 +586,10 @@ def _view_op(fn: Callable[[_Lazy, Any, Any], _Lazy | None]):
         (k,) = invals[:1]
         if not isinstance(k, _Lazy) or any(isinstance(x, _Lazy) for x in invals[1:]):
             return None
-        w = _bind(eqn, [k.w, *invals[1:]])[0]
+        if isinstance(k.w, _Deferred) and len(invals) == 1:
+            w = k.w.then(eqn)  # a quantized kernel: recorded, applied once dequantized
+        else:
+            w = _bind(eqn, [k.w, *invals[1:]])[0]
         new = fn(k, w, eqn)
         return None if new is None else [new]
 
@@ -681,7 +778,7 @@ def _scan(ctx, eqn, invals):
     ]
     xs = [
         ctx.merged(x, "scan over a non-stacked kernel axis", eqn)
-        if isinstance(x, _Lazy) and x.roles[0] != STACK
+        if isinstance(x, _Lazy) and (x.roles[0] != STACK or not _sliceable(x.w))
         else x
         for x in invals[nc + ncarry :]
     ]
@@ -734,6 +831,11 @@ def _scan(ctx, eqn, invals):
     return [*(carry_out[c] for c in range(ncarry)), *(ys_out[y] for y in range(n_ys))]
 
 
+def _sliceable(w: Any) -> bool:
+    # recorded layout ops other than casts describe the unsliced kernel
+    return not isinstance(w, _Deferred) or _shape_preserving(w.ops)
+
+
 def _prim(*names: str):
     prims = jex.core.primitives
     for n in names:
@@ -743,6 +845,8 @@ def _prim(*names: str):
 
 
 _DOT_GENERAL = _prim("dot_general_p")
+_CONVERT, _COPY = _prim("convert_element_type_p"), _prim("copy_p")
+_SHARDING = _prim("sharding_constraint_p")
 
 # The one table of primitive-specific behaviour (see the module docstring).
 _RULES: dict[Any, Callable] = {
@@ -770,7 +874,9 @@ _RULES: dict[Any, Callable] = {
 
 
 def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
+    return is_kernel_leaf(x) or isinstance(
+        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct
+    )
 
 
 _CACHE_SIZE = 64
@@ -859,8 +965,10 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
         # base leaves: a mismatch must be reported as such, not as whatever shape error
         # tracing fn on the wrong params would raise.
         params = map_targeted(params, adapters, lambda node, w, sh: w, lambda p, copy, w: copy)
-        paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+        # a quantized kernel is one leaf: fn is traced with a float kernel of its shape
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
+        paths = [path_str(kp) for kp, _ in flat]
+        leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_kernel_leaf)
 
         static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
         avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves if _is_dynamic(x))
@@ -874,7 +982,7 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
             ) from e
         # params leaves come first in `leaves`; targeted kernels become lazy (W, A, B) values
         inputs = [
-            _from_node(x, nodes[paths[i]], shared) if i < len(paths) and paths[i] in nodes else x
+            _kernel_input(x, nodes.get(paths[i]) if i < len(paths) else None, shared)
             for i, x in enumerate(leaves)
             if _is_dynamic(x)
         ]

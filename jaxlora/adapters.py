@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.keypaths import path_str
-from jaxlora.targets import KernelLayout
+from jaxlora.quant import dense
+from jaxlora.targets import KernelLayout, is_kernel_leaf
 
 __all__ = [
     "SHARED_KEY",
@@ -298,11 +299,15 @@ def map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
         check_kernel(node, w)
         return fn(node, w, shared)
 
-    out = jax.tree_util.tree_map_with_path(visit, params)
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_kernel_leaf)
     missing = sorted((set(nodes) | set(full)) - seen)
     if missing:
         raise ValueError(f"adapters target kernels missing from params: {missing}")
     return out
+
+
+def _float(params: Any) -> Any:
+    return jax.tree_util.tree_map(dense, params, is_leaf=is_kernel_leaf)
 
 
 def merge(params: Any, adapters: Any) -> Any:
@@ -317,6 +322,8 @@ def merge(params: Any, adapters: Any) -> Any:
 
     Returns:
       A pytree like ``params`` with the targeted kernels replaced by merged ones (same dtype).
+      Quantized kernels (:func:`jaxlora.quantize`) come back dequantized, targeted or not:
+      merged weights are float.
 
     Raises:
       ValueError: If a targeted kernel is missing from ``params`` or has another shape.
@@ -328,6 +335,7 @@ def merge(params: Any, adapters: Any) -> Any:
       >>> bool((jl.merge(params, adapters)["dense"]["kernel"] == 1).all())  # B starts at 0
       True
     """
+    params = _float(params)  # merged weights are float, quantized kernels included
     return map_targeted(
         params,
         adapters,
@@ -364,7 +372,9 @@ def unmerge(params: Any, adapters: Any) -> Any:
             "value, so it cannot be unmerged; keep the original params instead"
         )
 
-    return map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base)
+    return map_targeted(
+        _float(params), adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base
+    )
 
 
 def labels(adapters: Any) -> Any:

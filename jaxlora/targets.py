@@ -33,6 +33,7 @@ __all__ = [
     "KernelLayout",
     "Target",
     "TargetError",
+    "is_kernel_leaf",
     "module_targets",
     "path_str",
     "select",
@@ -42,6 +43,17 @@ __all__ = [
 
 class TargetError(ValueError):
     """A target spec that matches nothing or a leaf it cannot split."""
+
+
+def is_kernel_leaf(x: Any) -> bool:
+    """Whether ``x`` is a pytree node that stands for one kernel leaf.
+
+    A quantized kernel (:class:`jaxlora.quant.QuantizedKernel`) is a node whose children
+    are its packed codes and scales; target selection, ``adapt`` and ``merge`` treat it as
+    one kernel of its logical ``shape`` and ``dtype``. Such nodes set the class attribute
+    ``jaxlora_kernel = True``.
+    """
+    return getattr(type(x), "jaxlora_kernel", False) is True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +322,8 @@ def match(params: Any, targets: TargetsLike) -> dict[str, tuple[Target, Any]]:
       TargetError: If a target matches no leaf; the message lists the paths seen.
     """
     specs = as_targets(targets)
-    paths = [(path_str(kp), leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
+    paths = [(path_str(kp), leaf) for kp, leaf in flat]
     hits = [0] * len(specs)
     matched: dict[str, tuple[Target, Any]] = {}
     for path, leaf in paths:

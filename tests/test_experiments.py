@@ -127,3 +127,30 @@ def test_causal_lm_tiny_config_end_to_end(tmp_path):
     assert len(row["losses"]) == 2 and row["after"]["loss"] > 0
     assert len(row["samples_before"]) == len(row["samples_after"]) == 1
     assert "<|im_end|>" not in row["samples_after"][0]
+
+
+def test_qlora_variant_is_e2_lora_on_an_nf4_base():
+    local, qlora = (
+        config_lib.load("e2_causal_lm", "local"),
+        config_lib.load("e2_causal_lm", "qlora"),
+    )
+    assert qlora.base_quantization == "nf4" and local.base_quantization is None
+    (lora,) = qlora.methods
+    assert lora == next(m for m in local.methods if m.name == "lora")
+    assert (qlora.steps, qlora.batch_size, qlora.max_length) == (
+        local.steps,
+        local.batch_size,
+        local.max_length,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (assets.available("smollm2") and assets.available("chatterbot")),
+    reason="needs the SmolLM2 and chatterbot assets: bash scripts/assets.sh",
+)
+@pytest.mark.parametrize("quant", ["nf4", "q4_1"])
+def test_causal_lm_tiny_config_on_a_quantized_base(tmp_path, quant):
+    config = dataclasses.replace(config_lib.load("e2_causal_lm", "tiny"), base_quantization=quant)
+    (row,) = runner.run(config, tmp_path, quiet=True)["rows"]
+    assert len(row["losses"]) == 2 and row["after"]["loss"] > 0

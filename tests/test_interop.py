@@ -291,3 +291,51 @@ def test_merged_export_bert_and_scanned_llama(tmp_root, tmp_path):
         np.asarray(back["layers"]["0"]["attn"]["q_proj"]["kernel"]),
         np.asarray(merged["layers"]["attn"]["q_proj"]["kernel"][0]),
     )
+
+
+# ------------------------------------------------------------------- quantized bases
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_adapters_trained_on_a_quantized_base_export_to_the_float_model(tmp_root, tmp_path, kind):
+    import optax
+
+    model, config, params = load_llama(tmp_root)
+    block = 8 if kind == "nf4" else None  # the tiny model: widths 32 and 56
+    qparams = jl.quantize(params, targets="all-linear", kind=kind, block=block)
+    float_base = jl.dequantize(qparams)
+    ids, mask = random_batch(6, config.vocab_size)
+
+    def loss_fn(p, batch):
+        return llama.causal_lm_loss(llama.apply(p, batch, config=config), batch)
+
+    adapters = randomize(METHODS["lora"]().init(jax.random.key(0), qparams), jax.random.key(1))
+    tx = jl.optimizer(optax.adam(1e-2))
+    step, state = jl.train_step(loss_fn, tx, donate=False), tx.init(adapters)
+    for _ in range(2):  # trained on the quantized base
+        _, adapters, state, _ = step(qparams, adapters, state, jnp.asarray(ids))
+
+    out = jl.export_peft(
+        tmp_path / "peft", adapters, jl.hf_module_names(config), task_type="CAUSAL_LM"
+    )
+    # the float model of that base: its dequantized weights as a transformers checkpoint
+    base_dir = jl.export_merged(tmp_path / "base", qparams, {}, config)
+    float_model = quiet_transformers().LlamaForCausalLM.from_pretrained(base_dir).eval()
+    expected = torch_forward(peft_load(float_model, out), ids, mask).logits.numpy()
+    got = llama_logits(qparams, adapters, config, ids, mask)  # adapt on the quantized base
+    assert_close_on_real_tokens(got, expected, mask)
+    # and the original float model takes the same adapter files
+    peft_load(model, out)
+
+    # merged export of a quantized base: float weights, exactly merge(dequantize(base))
+    merged_dir = jl.export_merged(tmp_path / "merged", qparams, adapters, config)
+    back = loaders.load_llama_safetensors(merged_dir)[1]
+    want = jl.merge(float_base, adapters)
+    for (kp, x), (_, y) in zip(
+        jax.tree_util.tree_flatten_with_path(back)[0],
+        jax.tree_util.tree_flatten_with_path(want)[0],
+        strict=True,
+    ):
+        assert x.dtype == np.float32, kp
+        # export's jitted merge fuses dequantize-and-add (one rounding instead of two)
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=str(kp))

@@ -182,6 +182,40 @@ def smollm2():
     return path, config, params, loaders.load_gguf_tokenizer(path)
 
 
+def _check_quantized_load(params, qparams):
+    from jaxlora.quant import QuantizedKernel
+    from jaxlora.targets import is_kernel_leaf
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    qflat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_kernel_leaf)[0]
+    assert [kp for kp, _ in flat] == [kp for kp, _ in qflat]
+    kinds = set()
+    for (kp, w), (_, q) in zip(flat, qflat):
+        if isinstance(q, QuantizedKernel):
+            kinds.add(kp[-2].key)
+            assert q.kind == "q4_1" and q.data.dtype == np.uint8 and q.nbytes * 6 < w.nbytes
+            # the file's own codes and scales: exactly the float route's values
+            np.testing.assert_array_equal(np.asarray(jax.jit(q.dequantize)()), np.asarray(w))
+        else:
+            np.testing.assert_array_equal(np.asarray(q), np.asarray(w))
+    # every Q4_1 tensor of SmolLM2 (the embedding is Q8_0 and stays float)
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_smollm2_q4_1_loads_quantized_and_dequantizes_exactly(smollm2):
+    path, _, params, _ = smollm2
+    _, qparams = loaders.load_llama_gguf(path, scan_layers=True, quantized=True)
+    _check_quantized_load(params, qparams)
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_loads_quantized_per_layer():
+    path = require_asset("smollm2")
+    _, params = loaders.load_llama_gguf(path)
+    _, qparams = loaders.load_llama_gguf(path, quantized=True)
+    _check_quantized_load(params, qparams)
+
+
 def test_smollm2_tokenizer_matches_transformers(smollm2):
     transformers = quiet_transformers()
 

@@ -5,9 +5,17 @@ and greedy answers to a few prompts before and after.
 
     python -m experiments.run --config e2_causal_lm --variant local   # CPU, ~15 min
     python -m experiments.run --config e2_causal_lm --variant full    # GPU/TPU host
+    python -m experiments.run --config e2_causal_lm --variant qlora   # CPU, NF4 base
+
+``qlora`` is ``local``'s LoRA on an NF4 base (QLoRA: blocks of 64, double-quantized scales,
+the base kept packed and dequantized per layer inside the step), to compare with ``local``'s
+float-base LoRA. Delta-LoRA, which moves its base kernels, and full fine-tuning are left
+out: neither trains a frozen quantized base.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from experiments.config import ExperimentConfig, MethodConfig, adapter_methods
 
@@ -47,6 +55,14 @@ def get_config(variant: str = "local") -> ExperimentConfig:
             warmup_steps=50,
             generate_prompts=PROMPTS,
         )
+    if variant == "qlora":
+        lora = next(m for m in methods(rank=8, vera_rank=64) if m.name == "lora")
+        return dataclasses.replace(
+            get_config("local"),
+            name="e2_causal_lm_qlora",
+            methods=(lora,),
+            base_quantization="nf4",
+        )
     if variant == "tiny":  # the end-to-end test (marked slow: SmolLM2 compiles in ~30 s)
         return ExperimentConfig(
             name="e2_causal_lm_tiny",
@@ -60,4 +76,4 @@ def get_config(variant: str = "local") -> ExperimentConfig:
             max_eval_examples=4,
             generate_prompts=PROMPTS[:1],
         )
-    raise ValueError(f"e2_causal_lm: unknown variant {variant!r}; use local, full or tiny")
+    raise ValueError(f"e2_causal_lm: unknown variant {variant!r}; use local, full, qlora or tiny")

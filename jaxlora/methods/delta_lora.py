@@ -11,6 +11,15 @@ rule that moves the base, which :func:`jaxlora.train_step` applies after every u
 does for every optimizer (the rule of a plain optax one returns the base unchanged). Only
 the targeted kernels move; every other base leaf is returned as it came in.
 
+On a quantized base (:func:`jaxlora.quantize`) Delta-LoRA refuses to move a quantized
+targeted kernel, with an error that says how to proceed. Requantizing ``W`` after each step
+would round the λ-deltas away (they are far below one NF4 step, so Delta-LoRA would
+silently become LoRA), and keeping a float delta beside every quantized kernel would cost
+a full-precision copy of all targets, the memory quantizing was meant to save. A user who
+wants Delta-LoRA there opts into that cost explicitly: ``jl.dequantize(params,
+targets=<the same targets>)`` makes the moving kernels float and keeps the rest quantized
+(non-targeted quantized kernels are left as they are).
+
 Write-ups differ on whether the LoRA scale ``s`` multiplies the delta; ``scale_delta``
 makes it explicit. The default (``False``) follows the paper's Algorithm 1 literally,
 ``λ·(A'B' − AB)``; ``True`` moves ``W`` by ``λ`` times the change of the effective update
@@ -33,7 +42,7 @@ from jaxlora import recipes
 from jaxlora.adapters import adapter_nodes, shared_state
 from jaxlora.methods.lora import LoraAdapter, lora
 from jaxlora.optim import BaseMoving
-from jaxlora.targets import path_str
+from jaxlora.targets import is_kernel_leaf, path_str
 
 __all__ = ["DeltaLoraState", "delta_lora"]
 
@@ -45,6 +54,20 @@ class DeltaLoraState(NamedTuple):
     """Number of updates applied so far (int32 scalar)."""
     inner_state: optax.OptState
     """State of the wrapped transform (over the adapters)."""
+
+
+def _refuse_quantized(base: Any, nodes: dict[str, Any]) -> None:
+    flat = jax.tree_util.tree_flatten_with_path(base, is_leaf=is_kernel_leaf)[0]
+    quantized = sorted(
+        path_str(kp) for kp, x in flat if is_kernel_leaf(x) and path_str(kp) in nodes
+    )
+    if quantized:
+        raise ValueError(
+            f"delta_lora: the targeted kernels {quantized} are quantized, and Delta-LoRA moves "
+            "the kernels it targets: requantizing would round the deltas away. Make them float "
+            "first with params = jl.dequantize(params, targets=<the adapters' targets>); the "
+            "other kernels may stay quantized (see the jaxlora.methods.delta_lora docstring)"
+        )
 
 
 def delta_lora(
@@ -72,7 +95,8 @@ def delta_lora(
 
     Raises:
       ValueError: If ``start_step < 0``; from ``move_base``, if the params lack a targeted
-        kernel or an adapter rescales columns (DoRA), where the delta rule is not defined.
+        kernel or an adapter rescales columns (DoRA), where the delta rule is not defined,
+        or a targeted kernel is quantized (see the module docstring).
       TypeError: From ``init``, if not given an adapters tree.
 
     Examples:
@@ -108,6 +132,8 @@ def delta_lora(
         active = state.count >= start_step
         seen = set()
 
+        _refuse_quantized(base, old_nodes)
+
         def moved(kp, w):
             path = path_str(kp)
             node = old_nodes.get(path)
@@ -119,7 +145,7 @@ def delta_lora(
             factor = lam if scale_delta else lam / node.factors(w, old_shared).scale
             return (w + jnp.where(active, factor * change, 0.0).astype(w.dtype)).astype(w.dtype)
 
-        out = jax.tree_util.tree_map_with_path(moved, base)
+        out = jax.tree_util.tree_map_with_path(moved, base, is_leaf=is_kernel_leaf)
         missing = sorted(set(old_nodes) - seen)
         if missing:
             raise ValueError(f"delta_lora: params lack the targeted kernels {missing}")

@@ -35,7 +35,14 @@ from jaxlora import recipes
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.interop import peft
 from jaxlora.keypaths import flatten, nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, resolve_targets, select
+from jaxlora.targets import (
+    KernelLayout,
+    TargetError,
+    TargetsLike,
+    is_kernel_leaf,
+    resolve_targets,
+    select,
+)
 
 __all__ = [
     "PEFT_FORMAT",
@@ -210,7 +217,7 @@ def lora(
     def init_pissa(key: jax.Array, params: Any, like: Any = None) -> dict[str, Any]:
         del key  # the SVD is exact and deterministic
         layouts = select(params, targets, like)
-        kernels = flatten(params)
+        kernels = flatten(params, is_leaf=is_kernel_leaf)
         nodes = {}
         for path, layout in layouts.items():
             check_rank(layout, rank)
@@ -247,7 +254,7 @@ def init_lora(
     for layout in layouts.values():
         check_rank(layout, rank)
     keys = jax.random.split(key, len(layouts))
-    kernels = flatten(params) if extra else {}
+    kernels = flatten(params, is_leaf=is_kernel_leaf) if extra else {}
     nodes = {}
     for k, (path, layout) in zip(keys, layouts.items()):
         nodes[path] = cls(

@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxlora.models.bert import BertConfig
 from jaxlora.models.llama import LlamaConfig
+from jaxlora.quant import QuantizedKernel, q4_1_children
 
 PathLike = str | os.PathLike
 
@@ -72,17 +73,25 @@ class _SafetensorsReader:
 
 
 class _GGUFReader:
-    """Tensors of a GGUF file by name, dequantised to float32 on read."""
+    """Tensors of a GGUF file by name, dequantised to float32 on read.
 
-    def __init__(self, reader):
+    With ``quantized``, Q4_1 tensors are read as their codes and scales instead (a dict,
+    rows first; see :func:`jaxlora.quant.q4_1_children`).
+    """
+
+    def __init__(self, reader, quantized: bool = False):
+        self._quantized = quantized
         self._tensors = {t.name: t for t in reader.tensors}
         # ggml lists dimensions fastest-first; numpy (and the torch layout) is the reverse.
         self.shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
 
     def read(self, name: str) -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         tensor = self._tensors[name]
+        if self._quantized and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            return q4_1_children(np.asarray(tensor.data), self.shapes[name])
         return dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
 
 
@@ -125,8 +134,15 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 def _build(plan: list[_Tensor], reader, *, dtype: Any, stack_layers: bool) -> dict[str, Any]:
     """Reads, transforms and places every planned tensor; stacks per-layer ones if asked."""
 
-    def load(t: _Tensor) -> np.ndarray:
+    def load(t: _Tensor) -> Any:
         x = reader.read(t.source)
+        if isinstance(x, dict):  # quantized blocks: each array transforms like the weight
+            x = {k: t.transform(v) if t.transform else v for k, v in x.items()}
+            # kernels are transposed to (in, out), so their blocks run along axis -2
+            axis = -2 if t.path[-1] == "kernel" else -1
+            return QuantizedKernel(
+                **x, kind="q4_1", axis=axis, block=32, dtype_name=np.dtype(dtype).name
+            )
         return (t.transform(x) if t.transform else x).astype(dtype, copy=False)
 
     tree: dict[str, Any] = {}
@@ -140,6 +156,11 @@ def _build(plan: list[_Tensor], reader, *, dtype: Any, stack_layers: bool) -> di
         # One group (e.g. every layer's q_proj) at a time keeps the host copy to 1/7 or so
         # of the weights, instead of holding all per-layer arrays until the end.
         first = load(layers[0])
+        if isinstance(first, QuantizedKernel):  # small: stack the codes and scales at once
+            nodes = [first, *(load(layers[i]) for i in range(1, len(layers)))]
+            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *nodes)
+            _set(tree, ("layers", *rest), jax.device_put(stacked))
+            continue
         stacked = np.empty((len(layers), *first.shape), dtype=first.dtype)
         stacked[0] = first
         for i in range(1, len(layers)):
@@ -362,17 +383,27 @@ def llama_config_from_gguf(reader, **overrides: Any) -> LlamaConfig:
 
 
 def load_llama_gguf(
-    path: PathLike, *, dtype: Any = np.float32, strict: bool = True, **overrides: Any
+    path: PathLike,
+    *,
+    dtype: Any = np.float32,
+    strict: bool = True,
+    quantized: bool = False,
+    **overrides: Any,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a llama.cpp GGUF Llama model, dequantised, with q/k rows un-permuted.
 
     The config comes from the GGUF metadata. Every quantisation type ``gguf`` can
-    dequantise is supported (F32, F16, Q4_0, Q4_1, Q8_0, K-quants, ...).
+    dequantise is supported (F32, F16, Q4_0, Q4_1, Q8_0, K-quants, ...). With
+    ``quantized=True``, Q4_1 tensors stay quantized: each becomes a
+    :class:`jaxlora.quant.QuantizedKernel` (``kind="q4_1"``) holding the file's own codes
+    and scales (repacked, q/k rows un-permuted), a frozen base for QLoRA-style training
+    that dequantizes to exactly the values of the float route.
 
     Args:
       path: the ``.gguf`` file.
-      dtype: dtype of the returned parameters.
+      dtype: dtype of the returned parameters (the logical dtype of quantized kernels).
       strict: raise on tensors the model does not use (``rope_freqs`` is always tolerated).
+      quantized: keep Q4_1 tensors quantized instead of dequantising them.
       **overrides: config fields to set, e.g. ``scan_layers=True``.
 
     Returns:
@@ -386,7 +417,7 @@ def load_llama_gguf(
 
     gguf_reader = GGUFReader(str(path))
     config = llama_config_from_gguf(gguf_reader, **overrides)
-    reader = _GGUFReader(gguf_reader)
+    reader = _GGUFReader(gguf_reader, quantized=quantized)
     plan = _llama_plan(config, "gguf")
     ignore = lambda n: n == "rope_freqs.weight"
     _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"GGUF file {path}")

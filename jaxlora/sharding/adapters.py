@@ -24,6 +24,7 @@ from jaxlora.adapters import Adapter, map_parts
 from jaxlora.keypaths import path_str, path_tuple
 from jaxlora.sharding.errors import ShardingError
 from jaxlora.sharding.rules import named
+from jaxlora.targets import is_kernel_leaf
 
 __all__ = [
     "adapter_shardings",
@@ -116,9 +117,11 @@ def adapter_specs(adapters: Any, param_specs: Any) -> Any:
       (P('fsdp', None), P(None, 'tensor'))
     """
     flat = {
-        path_str(kp): getattr(s, "spec", s)
+        # a quantized kernel's codes shard exactly like the kernel
+        path_str(kp): getattr(s.data if is_kernel_leaf(s) else s, "spec", s)
         for kp, s in jax.tree_util.tree_flatten_with_path(
-            param_specs, is_leaf=lambda x: _is_spec(x) or isinstance(x, NamedSharding)
+            param_specs,
+            is_leaf=lambda x: _is_spec(x) or isinstance(x, NamedSharding) or is_kernel_leaf(x),
         )[0]
     }
 

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlora.keypaths import path_str
 from jaxlora.sharding.errors import ShardingError
+from jaxlora.targets import is_kernel_leaf
 
 __all__ = ["Rules", "entry_axes", "named", "param_shardings", "param_specs"]
 
@@ -91,7 +92,9 @@ def param_specs(params: Any, rules: Rules, mesh: Any) -> Any:
       mesh: A ``Mesh`` or ``jax.sharding.AbstractMesh`` (only its axis sizes are read).
 
     Returns:
-      A pytree like ``params`` with a full-rank ``PartitionSpec`` at each leaf.
+      A pytree like ``params`` with a full-rank ``PartitionSpec`` at each leaf (at a
+      quantized kernel, a :class:`~jaxlora.quant.QuantizedKernel` of the specs of its
+      codes and scales, which shard like the kernel).
 
     Raises:
       ShardingError: If a leaf matches no rule, or its rule cannot shard it (the message
@@ -106,9 +109,19 @@ def param_specs(params: Any, rules: Rules, mesh: Any) -> Any:
       {'norm': P(None,), 'q_proj': {'kernel': P(None, 'fsdp', 'tensor')}}
     """
     sizes = _mesh_sizes(mesh)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: _leaf_spec(path_str(kp), tuple(x.shape), rules, sizes), params
-    )
+
+    def leaf(kp, x):
+        path = path_str(kp)
+        spec = _leaf_spec(path, tuple(x.shape), rules, sizes)
+        if not is_kernel_leaf(x):
+            return spec
+        # a quantized kernel: its codes and scales shard like the kernel (same blocks)
+        try:
+            return x.partition_specs(spec, sizes)
+        except ValueError as e:
+            raise ShardingError(f"{path!r}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_kernel_leaf)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

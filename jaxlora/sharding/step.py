@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.sharding.rules import entry_axes
+from jaxlora.targets import is_kernel_leaf
 from jaxlora.train import train_step
 
 __all__ = ["gathered", "sharded_train_step"]
@@ -47,9 +48,14 @@ def gathered(loss_fn: Callable[..., Any], param_shardings: Any, axes: Sequence[s
     axes = tuple(axes)
     if not axes:
         return loss_fn
-    whole = jax.tree_util.tree_map(
-        lambda s: NamedSharding(s.mesh, _drop_axes(s.spec, axes)), param_shardings
-    )
+
+    # loss_fn sees a quantized kernel as one kernel: constrain it as its codes are sharded
+    # (jaxlora.adapt then gathers the codes and scales, not a float copy)
+    def drop(s):
+        s = s.data if is_kernel_leaf(s) else s
+        return NamedSharding(s.mesh, _drop_axes(s.spec, axes))
+
+    whole = jax.tree_util.tree_map(drop, param_shardings, is_leaf=is_kernel_leaf)
 
     def fn(params, *args, **kwargs):
         return loss_fn(jax.lax.with_sharding_constraint(params, whole), *args, **kwargs)
