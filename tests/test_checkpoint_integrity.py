@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -220,19 +221,30 @@ def test_a_second_manager_in_one_process_is_refused_until_the_first_closes(tmp_p
 
 
 def test_a_kill_during_retention_never_leaves_a_half_deleted_step(tmp_path, monkeypatch):
-    from etils import epath
+    real_unlink = os.unlink
 
-    def killed_midway(path, *a, **kw):
-        # deletes one file, then "dies" (as a SIGKILL in the middle of a delete would)
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
-        files[len(files) // 2].unlink()
+    def step_one(path) -> bool:
+        rel = Path(path).relative_to(tmp_path).parts if str(path).startswith(str(tmp_path)) else ()
+        return "1" in rel[:2]  # <dir>/1/... or <dir>/.deleted/1/...
+
+    def unlink_then_die(path, *a, **kw):
+        # The process is killed mid-delete: the array files of step 1 are gone, its
+        # metadata files (deleted later) are not.
+        if step_one(path) and "metadata" in Path(path).name.lower():
+            return None
+        return real_unlink(path, *a, **kw)
+
+    def killed(path, *a, **kw):
+        if step_one(path):
+            for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+                unlink_then_die(f)
         raise OSError("killed during delete")
 
     adapters, _ = state(1)
     with CheckpointManager(tmp_path, max_to_keep=1, async_save=False) as mgr:
         mgr.save(1, adapters=adapters)
-        monkeypatch.setattr(epath.Path, "rmtree", killed_midway)
-        monkeypatch.setattr(shutil, "rmtree", killed_midway)
+        monkeypatch.setattr(os, "unlink", unlink_then_die)
+        monkeypatch.setattr(shutil, "rmtree", killed)
         # retention removes step 1; the simulated kill may surface here or not
         with contextlib.suppress(Exception):
             mgr.save(2, adapters=adapters)
@@ -243,6 +255,5 @@ def test_a_kill_during_retention_never_leaves_a_half_deleted_step(tmp_path, monk
         assert 2 in listed
         for step in listed:  # every listed step is whole
             assert_trees_equal(mgr.restore(step, adapters=target).adapters, adapters)
-    assert not any(
-        p.name.startswith(".") and p.is_dir() and any(p.iterdir()) for p in tmp_path.iterdir()
-    )
+    leftovers = [p for p in tmp_path.rglob("*") if ".deleted" in p.parts and p.is_file()]
+    assert not leftovers  # the next manager finished the interrupted delete
