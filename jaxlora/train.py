@@ -10,6 +10,11 @@ no gradient and no optimizer state.
 With ``update_params=True`` (Delta-LoRA) the step also returns new base params: ``tx``
 then updates the pair ``(params, adapters)``; it is handed ``None`` as the base gradient,
 which is never computed, and its base updates are applied to ``params``.
+
+Every step reports ``metrics["finite"]``, computed on the device: whether the loss, every
+gradient (through their norm) and every update are finite. It costs one boolean reduction
+per updated array, fused by XLA into the update itself, and lets a training loop stop
+before it checkpoints NaNs. ``skip_nonfinite=True`` makes a non-finite step a no-op instead.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ def join_trainable(trainable: Any, frozen: Any) -> Any:
     )
 
 
+def _all_finite(loss: Any, grad_norm: Any, *updates: Any) -> jax.Array:
+    # a NaN or inf in any gradient makes their norm non-finite, so the gradients need no
+    # pass of their own; the updates do (a finite gradient can still give a NaN update)
+    flags = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
+    flags += [jnp.all(jnp.isfinite(u)) for u in jax.tree_util.tree_leaves(updates)]
+    return jnp.all(jnp.stack(flags))
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -54,6 +71,7 @@ def train_step(
     donate: bool = True,
     jit: bool = True,
     update_params: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[Any, ...]]:
     """Builds ``step(params, adapters, opt_state, batch) -> (adapters, opt_state, metrics)``.
 
@@ -72,9 +90,12 @@ def train_step(
         opt_state, metrics)``, ``tx`` is initialised with ``tx.init((params, adapters))``
         and updated with ``tx.update((None, adapter_grads), opt_state, (params,
         adapters))``; ``params`` is donated too. The base still gets no gradient.
+      skip_nonfinite: Where ``metrics["finite"]`` is false, return the step's inputs
+        (adapters, optimizer state, params) unchanged, so a NaN step changes nothing.
 
     Returns:
-      The step function. ``metrics`` holds ``loss`` and ``grad_norm`` (of trainable arrays).
+      The step function. ``metrics`` holds ``loss``, ``grad_norm`` (of trainable arrays)
+      and ``finite`` (a boolean: the loss, gradients and updates are all finite).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxlora as jl
@@ -92,6 +113,7 @@ def train_step(
     adapted = adapt(loss_fn, strict=strict)
 
     def step(params, adapters, opt_state, batch):
+        old_state = opt_state
         trainable, frozen = split_trainable(adapters, adapters)
 
         def objective(tr):
@@ -113,9 +135,16 @@ def train_step(
             updates, opt_state = tx.update(full, opt_state, adapters)
         upd_tr, _ = split_trainable(updates, adapters)
         new = join_trainable(optax.apply_updates(trainable, upd_tr), frozen)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        grad_norm = optax.tree.norm(grads)
+        base_updates = param_updates if update_params else None
+        finite = _all_finite(loss, grad_norm, upd_tr, base_updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "finite": finite}
+        new_params = optax.apply_updates(params, param_updates) if update_params else params
+        if skip_nonfinite:
+            new, opt_state = _keep_if(finite, (new, opt_state), (adapters, old_state))
+            new_params = _keep_if(finite, new_params, params)
         if update_params:
-            return optax.apply_updates(params, param_updates), new, opt_state, metrics
+            return new_params, new, opt_state, metrics
         return new, opt_state, metrics
 
     if not jit:

@@ -70,6 +70,7 @@ def sharded_train_step(
     donate: bool = True,
     gather: Sequence[str] = ("fsdp",),
     update_params: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[Any, ...]]:
     """:func:`jaxlora.train_step` jitted with explicit input/output shardings and donation.
 
@@ -95,6 +96,8 @@ def sharded_train_step(
       update_params: For optimizers that also move the base (Delta-LoRA, see
         :func:`jaxlora.train_step`): the step returns ``(params, adapters, opt_state,
         metrics)``, params keep their shardings and are donated too.
+      skip_nonfinite: As for :func:`jaxlora.train_step`: a step whose ``finite`` metric is
+        false leaves the state unchanged.
 
     Returns:
       ``step(params, adapters, opt_state, batch) -> (adapters, opt_state, metrics)``.
@@ -128,6 +131,7 @@ def sharded_train_step(
         strict=strict,
         jit=False,
         update_params=update_params,
+        skip_nonfinite=skip_nonfinite,
     )
     replicated = NamedSharding(mesh, P())
     out = (adapter_shardings, opt_state_shardings, replicated)
