@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxlora._validate import finite
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.lora import PEFT_FORMAT, canonical_kernel, init_lora
 from jaxlora.targets import KernelLayout, TargetError, TargetsLike
@@ -136,6 +137,7 @@ def dora(
     """
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    alpha = finite("dora", "alpha", alpha)
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
     def magnitude(layout: KernelLayout, w: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxlora._validate import finite
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter, unmerge
 from jaxlora.interop import peft
 from jaxlora.keypaths import nest
@@ -159,8 +160,9 @@ def lora(
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
-    if init == "pissa" and not alpha > 0:
+    if init == "pissa" and not finite("lora", "alpha", alpha) > 0:
         raise ValueError(f"lora(init='pissa') needs alpha > 0, got alpha={alpha!r}")
+    alpha = finite("lora", "alpha", alpha)
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
     if init == "kaiming":

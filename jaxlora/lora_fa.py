@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from jaxlora._validate import finite
 from jaxlora.adapters import FROZEN, Method, register_adapter
 from jaxlora.lora import LoraAdapter, init_lora
 from jaxlora.targets import TargetError, TargetsLike
@@ -70,6 +71,7 @@ def lora_fa(
     """
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    alpha = finite("lora_fa", "alpha", alpha)
     scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
     init = functools.partial(

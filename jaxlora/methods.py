@@ -22,8 +22,9 @@ from typing import Any
 
 import optax
 
+from jaxlora._validate import finite
 from jaxlora.adapters import Method, unmerge
-from jaxlora.delta_lora import delta_lora
+from jaxlora.delta_lora import check_hyperparameters, delta_lora
 from jaxlora.dora import dora
 from jaxlora.lora import lora
 from jaxlora.lora_fa import lora_fa
@@ -93,7 +94,7 @@ class MethodSpec:
 
 
 def _lora_plus(*, ratio: float = 16.0, **kw: Any) -> MethodSpec:
-    if not ratio > 0:
+    if not finite("lora_plus", "ratio", ratio) > 0:
         raise ValueError(f"lora_plus: ratio must be > 0, got ratio={ratio!r}")
 
     def build(make, *, learning_rate, **okw):
@@ -103,6 +104,8 @@ def _lora_plus(*, ratio: float = 16.0, **kw: Any) -> MethodSpec:
 
 
 def _delta_lora(*, lam: float, start_step: int, scale_delta: bool = False, **kw) -> MethodSpec:
+    check_hyperparameters(lam, start_step)  # at once, not when the optimizer is built
+
     def build(make, *, learning_rate, **okw):
         inner = _plain(make, learning_rate=learning_rate, **okw)
         return delta_lora(inner, lam=lam, start_step=start_step, scale_delta=scale_delta)

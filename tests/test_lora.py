@@ -114,3 +114,11 @@ def test_full_and_compose_train_a_head_beside_lora():
     bad = dict(params, head={"kernel": jnp.ones((32, 4)), "bias": jnp.zeros((3,))})
     with pytest.raises(ValueError, match=r"'head/kernel' is float32\[32, 3\]"):
         jl.adapt(fn)(bad, ad, jnp.ones((5, 64)))
+
+
+@pytest.mark.parametrize("make", [jl.lora, jl.lora_fa, jl.dora])
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), "16"])
+def test_non_finite_alpha_is_refused_naming_it(make, alpha):
+    # a NaN/inf scale would make the merged kernel NaN from the first step
+    with pytest.raises(ValueError, match=r"alpha must be a finite number, got alpha="):
+        make(rank=2, alpha=alpha, targets=".*kernel")
