@@ -131,16 +131,16 @@ def test_causal_lm_tiny_config_end_to_end(tmp_path):
 
 def test_config_field_of_the_wrong_type_is_named():
     config = config_lib.load("e1_topics", "tiny")
-    with pytest.raises(launch.ConfigError, match=r"ExperimentConfig.steps must be int, got '4'"):
-        launch.validate(dataclasses.replace(config, steps="4"))
+    with pytest.raises(runner.ConfigError, match=r"ExperimentConfig.steps must be int, got '4'"):
+        runner.validate(dataclasses.replace(config, steps="4"))
     methods = (config.methods[0], dataclasses.replace(config.methods[1], learning_rate="1e-3"))
-    with pytest.raises(launch.ConfigError, match=r"methods\[1\].learning_rate must be float"):
-        launch.validate(dataclasses.replace(config, methods=methods))
-    with pytest.raises(launch.ConfigError, match=r"learning_rate must be finite"):
+    with pytest.raises(runner.ConfigError, match=r"methods\[1\].learning_rate must be float"):
+        runner.validate(dataclasses.replace(config, methods=methods))
+    with pytest.raises(runner.ConfigError, match=r"learning_rate must be finite"):
         bad = (dataclasses.replace(config.methods[1], learning_rate=float("nan")),)
-        launch.validate(dataclasses.replace(config, methods=bad))
-    with pytest.raises(launch.ConfigError, match=r"on_nonfinite must be one of"):
-        launch.validate(dataclasses.replace(config, on_nonfinite="ignore"))
+        runner.validate(dataclasses.replace(config, methods=bad))
+    with pytest.raises(runner.ConfigError, match=r"on_nonfinite must be one of"):
+        runner.validate(dataclasses.replace(config, on_nonfinite="ignore"))
 
 
 @pytest.mark.parametrize(
@@ -156,8 +156,8 @@ def test_every_method_is_built_before_the_first_one_trains(tmp_path, kwargs, err
     config = config_lib.load("e1_topics", "tiny")
     methods = (config.methods[2], MethodConfig("lora", kwargs=kwargs, label="bad"))
     config = dataclasses.replace(config, methods=methods)
-    with pytest.raises(launch.ConfigError, match=rf"method 'bad' .*{error}"):
-        launch.run(config, tmp_path, quiet=True)
+    with pytest.raises(runner.ConfigError, match=rf"method 'bad' .*{error}"):
+        runner.run(config, tmp_path, quiet=True)
     assert not (tmp_path / config.name / "lora").exists()  # the first never started
 
 
@@ -177,17 +177,17 @@ def _checkpoint_steps(directory):
 
 def test_non_finite_training_stops_before_it_is_checkpointed(tmp_path):
     config = _exploding(config_lib.load("e1_topics", "tiny"), "stop")
-    with pytest.raises(launch.NonFiniteError, match=r"lora: step 3 is not finite: loss=(nan|inf)"):
-        launch.run(config, tmp_path, quiet=True)
+    with pytest.raises(runner.NonFiniteError, match=r"lora: step 3 is not finite: loss=(nan|inf)"):
+        runner.run(config, tmp_path, quiet=True)
     assert _checkpoint_steps(tmp_path / config.name / "lora" / "checkpoints") == [1, 2]
 
 
 def test_non_finite_steps_skipped_or_warned_about(tmp_path):
     config = _exploding(config_lib.load("e1_topics", "tiny"), "skip")
-    launch.run(config, tmp_path / "skip", quiet=True)
+    runner.run(config, tmp_path / "skip", quiet=True)
     ckpt = tmp_path / "skip" / config.name / "lora" / "checkpoints"
     assert _checkpoint_steps(ckpt)[-1] == config.steps  # skipped steps leave a finite state
     config = dataclasses.replace(config, on_nonfinite="warn")
     with pytest.warns(UserWarning, match=r"step 3 is not finite.*no further checkpoints"):
-        launch.run(config, tmp_path / "warn", quiet=True)
+        runner.run(config, tmp_path / "warn", quiet=True)
     assert _checkpoint_steps(tmp_path / "warn" / config.name / "lora" / "checkpoints") == [1, 2]
