@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
+import typing
 from typing import Any
+
+NONFINITE_POLICIES = ("stop", "skip", "warn")
+"""What the launcher does at a step whose loss, gradients or updates are not finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,65 @@ class ExperimentConfig:
     """causal_lm only: keep the frozen base quantized (QLoRA): ``"nf4"`` (NF4, blocks of 64,
     double-quantized scales, from the float weights) or ``"q4_1"`` (the GGUF file's own
     Q4_1 codes). None: a float32 base."""
+    on_nonfinite: str = "stop"
+    """At a step whose loss, gradients or updates are NaN/inf: ``stop`` (raise, before any
+    checkpoint of it is written), ``skip`` (the step leaves the state unchanged; training
+    goes on) or ``warn`` (train on, but write no further checkpoints: they would hold
+    NaNs and retention would delete the finite ones)."""
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (the few forms configs use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(map(_matches, value, args))
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
+        )
+    return isinstance(value, origin or hint)
+
+
+def check_types(config: Any, where: str = "") -> None:
+    """Checks every field of a config dataclass (and of nested ones) against its annotation.
+
+    Raises:
+      TypeError: Naming the first field whose value has the wrong type.
+
+    Examples:
+      >>> check_types(MethodConfig("lora", learning_rate="1e-3"))
+      Traceback (most recent call last):
+        ...
+      TypeError: MethodConfig.learning_rate must be float, got '1e-3' (str)
+    """
+    hints = typing.get_type_hints(type(config))
+    name = where or type(config).__name__
+    for field in dataclasses.fields(config):
+        value, hint = getattr(config, field.name), hints[field.name]
+        if not _matches(value, hint):
+            shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise TypeError(
+                f"{name}.{field.name} must be {shown}, got {value!r} ({type(value).__name__})"
+            )
+        nested = value if isinstance(value, tuple) else (value,)
+        for i, v in enumerate(nested):
+            if dataclasses.is_dataclass(v):
+                at = f"{name}.{field.name}[{i}]" if isinstance(value, tuple) else field.name
+                check_types(v, at)
 
 
 def adapter_methods(

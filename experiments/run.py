@@ -7,8 +7,10 @@ the method's optimizer (AdamW, warm-up + cosine schedule) and its train step, co
 step once (the same executable gives XLA's cost/memory figures and runs the loop), trains
 with a progress bar, evaluates before and after, and writes under ``<out>/<experiment>/``:
 ``<method>/metrics.jsonl`` (every step and evaluation), ``<method>/adapters`` (the adapter
-checkpoint) and ``results.json``. Everything is validated (method names, assets, mesh)
-before any training starts.
+checkpoint) and ``results.json``. Everything is validated before any training starts:
+the config's field types, method names, assets and mesh (:func:`validate`), then every
+method built from shapes alone (:func:`validate_methods`). A step whose loss, gradients or
+updates are not finite stops the run before it is checkpointed (``on_nonfinite``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import statistics
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -49,6 +53,10 @@ class ConfigError(ValueError):
     """A config that cannot run; raised before any training."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or update (``on_nonfinite="stop"``)."""
+
+
 def method_recipe(m: MethodConfig, task: Task) -> Recipe:
     """The method to train, with the task's head (if any) trained in full beside it."""
     if m.name == "full":
@@ -63,6 +71,21 @@ def method_recipe(m: MethodConfig, task: Task) -> Recipe:
 
 def validate(config: ExperimentConfig) -> None:
     """Fails fast, with a clear message, on anything that would stop a run midway."""
+    try:
+        config_lib.check_types(config)
+    except TypeError as e:
+        raise ConfigError(f"{getattr(config, 'name', config)}: {e}") from e
+    if config.on_nonfinite not in config_lib.NONFINITE_POLICIES:
+        raise ConfigError(
+            f"{config.name}: on_nonfinite must be one of {config_lib.NONFINITE_POLICIES}, "
+            f"got {config.on_nonfinite!r}"
+        )
+    for m in config.methods:
+        if not (math.isfinite(m.learning_rate) and m.learning_rate >= 0):
+            raise ConfigError(
+                f"{config.name}: method {m.display!r}: learning_rate must be finite and >= 0, "
+                f"got {m.learning_rate!r}"
+            )
     if config.task not in TASKS:
         raise ConfigError(f"{config.name}: unknown task {config.task!r}; known: {sorted(TASKS)}")
     for m in config.methods:
@@ -89,6 +112,51 @@ def validate(config: ExperimentConfig) -> None:
             f"{config.name}: batch_size {config.batch_size} is not divisible by the "
             f"{shards} data/fsdp shards of mesh {sizes}"
         )
+
+
+def validate_methods(config: ExperimentConfig, task: Task, methods) -> None:
+    """Builds every method's adapters and optimizer state from shapes alone
+    (``jax.eval_shape``), so a bad keyword, rank or target fails before any method trains."""
+    key = jax.random.key(config.seed)
+    for m in methods:
+        try:
+            recipe = method_recipe(m, task)
+            _, adapters = jax.eval_shape(recipe.prepare, key, task.params)
+            tx = recipe.optimizer(
+                optax.adamw,
+                learning_rate=_schedule(config, m.learning_rate),
+                weight_decay=config.weight_decay,
+            )
+            jax.eval_shape(tx.init, adapters)
+        except Exception as e:
+            raise ConfigError(
+                f"{config.name}: method {m.display!r} ({m.name}, {m.kwargs}) cannot be built: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+
+def _nonfinite(config, m, st: _State, metrics: dict[str, Any], saving: list[bool]) -> None:
+    """Acts on a step whose ``finite`` flag is false, as ``config.on_nonfinite`` says."""
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(metrics[k]))]
+    what = (
+        ", ".join(f"{k}={float(metrics[k])}" for k in bad)
+        or "an update (loss and gradients finite)"
+    )
+    msg = f"{config.name}/{m.display}: step {st.step} is not finite: {what}"
+    if config.on_nonfinite == "stop":
+        raise NonFiniteError(
+            f"{msg}; stopped before checkpointing it (set on_nonfinite='skip' to skip such "
+            "steps, or 'warn' to train on)"
+        )
+    if config.on_nonfinite == "skip":
+        tqdm.write(f"{msg}; skipped (the state is unchanged)")
+        return
+    if not saving[0]:  # warned already
+        tqdm.write(msg)
+        return
+    saving[0] = False
+    msg += "; training on (on_nonfinite='warn'), but writing no further checkpoints"
+    warnings.warn(msg, stacklevel=2)
 
 
 def mesh_shape(axes: dict[str, int]) -> dict[str, int]:
@@ -204,8 +272,10 @@ def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _Sta
 
 
 def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
-    """Continues from the latest checkpoint: state, data position and the log so far."""
+    """Continues from the latest intact checkpoint (a corrupt newer one is skipped, with a
+    warning): state, data position and the log so far."""
     restored = ckpt.restore(
+        fallback=True,
         adapters=st.adapters,
         opt_state=st.opt_state,
         base=st.params,
@@ -229,6 +299,7 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         adapter_shardings=shd["adapters"],
         opt_state_shardings=shd["opt_state"],
         batch_sharding=shd["batch"],
+        skip_nonfinite=config.on_nonfinite == "skip",
     )
     example = next(iter(data.sequential_batches(task.train, config.batch_size)))
     example.pop("valid")
@@ -238,6 +309,7 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
     cost = cost_of(compiled)
     row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
     times = []
+    saving = [True]  # False once a non-finite step was trained on (on_nonfinite="warn")
     bar = tqdm(
         range(st.step, last),
         initial=st.step,
@@ -257,6 +329,8 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         dt = time.perf_counter() - t0
         times.append(dt)
         st.step = i + 1
+        if not bool(metrics["finite"]):
+            _nonfinite(config, m, st, metrics, saving)
         tok_s = config.batch_size * task.tokens_per_example / dt
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
         record = {"step": st.step, "loss": loss, "time_s": dt, "tokens_per_s": tok_s}
@@ -265,7 +339,7 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         log.write(record)
         st.history.append(record)
         every = config.checkpoint_every
-        if (every and st.step % every == 0) or st.step == config.steps:
+        if saving[0] and ((every and st.step % every == 0) or st.step == config.steps):
             ckpt.save(
                 st.step,
                 adapters=st.adapters,
@@ -376,6 +450,7 @@ def run(
         known = [m.display for m in config.methods]
         raise ConfigError(f"{config.name}: methods {methods} not all in the config's {known}")
     task = TASKS[config.task](config)
+    validate_methods(config, task, chosen)
     out_dir = out / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [

@@ -308,6 +308,19 @@ def stacked(targets: TargetsLike, axes: tuple[int, ...] = (0,)) -> tuple[Target,
     )
 
 
+def _check_floating(spec: Target, path: str, leaf: Any) -> None:
+    # An adapter's update is floating point: merged into an integer kernel it would be cast
+    # away, so the trained update would vanish from the merged/exported model. Quantized
+    # kernels come as their own node types, never as raw integer leaves.
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        raise TargetError(
+            f"target {spec.pattern!r} matched {path!r} with dtype {jax.numpy.dtype(dtype).name}"
+            f" and shape {tuple(leaf.shape)}, which is not floating point; adapters need a "
+            "floating-point kernel (exclude this path, or load the kernel as float)"
+        )
+
+
 def match(params: Any, targets: TargetsLike) -> dict[str, tuple[Target, Any]]:
     """Finds the leaves of ``params`` selected by ``targets``, with the target that won.
 
@@ -319,7 +332,8 @@ def match(params: Any, targets: TargetsLike) -> dict[str, tuple[Target, Any]]:
       A dict from key path to ``(target, leaf)``, in the order of ``params``' leaves.
 
     Raises:
-      TargetError: If a target matches no leaf; the message lists the paths seen.
+      TargetError: If a target matches no leaf (the message lists the paths seen), or a
+        matched leaf is not floating point (the message names its path and dtype).
     """
     specs = as_targets(targets)
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
@@ -330,6 +344,7 @@ def match(params: Any, targets: TargetsLike) -> dict[str, tuple[Target, Any]]:
         ndim = len(getattr(leaf, "shape", ()))
         for i, spec in enumerate(specs):
             if spec.matches(path, ndim):
+                _check_floating(spec, path, leaf)
                 hits[i] += 1
                 matched[path] = (spec, leaf)
                 break
@@ -363,7 +378,7 @@ def select(
 
     Raises:
       TargetError: If a target matches no leaf (the message lists the paths seen), or a
-        matched leaf cannot be split as the target says.
+        matched leaf is not floating point or cannot be split as the target says.
 
     Examples:
       >>> import jax.numpy as jnp

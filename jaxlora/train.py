@@ -12,6 +12,11 @@ opt_state, metrics)``. The params come back as :func:`jaxlora.optim.move_base` l
 moved by an optimizer that moves the base (Delta-LoRA), unchanged otherwise. They are
 donated, so an unchanged leaf is the same buffer going out as coming in (XLA aliases the
 output to the donated input: no copy), and the caller simply rebinds them.
+
+Every step reports ``metrics["finite"]``, computed on the device: whether the loss, every
+gradient (through their norm) and every adapter update are finite. It costs one boolean
+reduction per updated array, fused by XLA into the update itself, and lets a training loop
+stop before it checkpoints NaNs. ``skip_nonfinite=True`` makes a non-finite step a no-op.
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ def trainable(adapters: Any) -> tuple[Any, Callable[[Any], Any]]:
     return view, lambda v: join_trainable(v, frozen)
 
 
+def _all_finite(loss: Any, grad_norm: Any, updates: Any) -> jax.Array:
+    # a NaN or inf in any gradient makes their norm non-finite, so the gradients need no
+    # pass of their own; the updates do (a finite gradient can still give a NaN update).
+    # A moved base (Delta-LoRA) is a function of finite adapters, so it is not re-checked:
+    # that would be a pass over every targeted kernel.
+    flags = [jnp.isfinite(loss), jnp.isfinite(grad_norm)]
+    flags += [jnp.all(jnp.isfinite(u)) for u in jax.tree_util.tree_leaves(updates)]
+    return jnp.all(jnp.stack(flags))
+
+
+def _keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    # an unchanged leaf (the same object) needs no select
+    return jax.tree_util.tree_map(lambda n, o: n if n is o else jnp.where(ok, n, o), new, old)
+
+
 def train_step(
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
@@ -92,6 +112,7 @@ def train_step(
     strict: bool = False,
     donate: bool = True,
     jit: bool = True,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
     """Builds ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state,
     metrics)``, the one train step of every method.
@@ -108,9 +129,12 @@ def train_step(
       donate: Donate the params, adapters and optimizer state buffers to the step (use the
         returned ones).
       jit: Return the step jitted (the default) or as a plain function to compose.
+      skip_nonfinite: Where ``metrics["finite"]`` is false, return the step's inputs
+        (params, adapters, optimizer state) unchanged, so a NaN step changes nothing.
 
     Returns:
-      The step function. ``metrics`` holds ``loss`` and ``grad_norm`` (of trainable arrays).
+      The step function. ``metrics`` holds ``loss``, ``grad_norm`` (of trainable arrays)
+      and ``finite`` (a boolean: the loss, gradients and updates are all finite).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxlora as jl
@@ -144,9 +168,14 @@ def train_step(
         updates, new_state = tx.update(full, opt_state, adapters)
         upd_tr, _ = split_trainable(updates, adapters)
         new = join_trainable(optax.apply_updates(trainable, upd_tr), frozen)
-        params = move_base(tx, params, adapters, new, opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return params, new, new_state, metrics
+        moved = move_base(tx, params, adapters, new, opt_state)
+        grad_norm = optax.tree.norm(grads)
+        finite = _all_finite(loss, grad_norm, upd_tr)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux, "finite": finite}
+        if skip_nonfinite:
+            moved = _keep_if(finite, moved, params)
+            new, new_state = _keep_if(finite, (new, new_state), (adapters, opt_state))
+        return moved, new, new_state, metrics
 
     if not jit:
         return step

@@ -123,3 +123,22 @@ def test_bad_hyper_parameters_and_dora():
     tx = jl.delta_lora(jl.optimizer(optax.sgd(LR)), lam=LAM, start_step=0)
     with pytest.raises(ValueError, match="rescales columns"):
         tx.move_base(PARAMS, ad, ad, tx.init(ad))
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), "0.5"])
+def test_non_finite_lam_is_refused_naming_it(lam):
+    with pytest.raises(ValueError, match=r"lam must be a finite number, got lam="):
+        jl.delta_lora(jl.optimizer(optax.sgd(0.1)), lam=lam, start_step=0)
+    with pytest.raises(ValueError, match=r"lam must be a finite number"):
+        jl.recipe("delta_lora", rank=2, targets=".*", lam=lam, start_step=0)
+
+
+def test_negative_lam_is_refused_and_a_huge_one_warned_about():
+    tx = jl.optimizer(optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"lam must be >= 0.*lam=-0.5"):
+        jl.delta_lora(tx, lam=-0.5, start_step=0)
+    with pytest.warns(UserWarning, match=r"lam=100.0 is unusually large"):
+        jl.delta_lora(tx, lam=100.0, start_step=0)
+    jl.delta_lora(tx, lam=0.0, start_step=0)  # plain LoRA: fine
+    with pytest.raises(ValueError, match=r"start_step must be an integer, got 1.5"):
+        jl.delta_lora(tx, lam=0.5, start_step=1.5)

@@ -154,3 +154,67 @@ def test_causal_lm_tiny_config_on_a_quantized_base(tmp_path, quant):
     config = dataclasses.replace(config_lib.load("e2_causal_lm", "tiny"), base_quantization=quant)
     (row,) = runner.run(config, tmp_path, quiet=True)["rows"]
     assert len(row["losses"]) == 2 and row["after"]["loss"] > 0
+
+
+def test_config_field_of_the_wrong_type_is_named():
+    config = config_lib.load("e1_topics", "tiny")
+    with pytest.raises(runner.ConfigError, match=r"ExperimentConfig.steps must be int, got '4'"):
+        runner.validate(dataclasses.replace(config, steps="4"))
+    methods = (config.methods[0], dataclasses.replace(config.methods[1], learning_rate="1e-3"))
+    with pytest.raises(runner.ConfigError, match=r"methods\[1\].learning_rate must be float"):
+        runner.validate(dataclasses.replace(config, methods=methods))
+    with pytest.raises(runner.ConfigError, match=r"learning_rate must be finite"):
+        bad = (dataclasses.replace(config.methods[1], learning_rate=float("nan")),)
+        runner.validate(dataclasses.replace(config, methods=bad))
+    with pytest.raises(runner.ConfigError, match=r"on_nonfinite must be one of"):
+        runner.validate(dataclasses.replace(config, on_nonfinite="ignore"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"rank": "8", "targets": r".*attn/query/kernel"}, "rank must be a positive integer"),
+        ({"rank": 2, "targets": r".*attn/query/kernel", "rnak": 2}, "rnak"),
+        ({"rank": 2, "targets": r".*/nothing/kernel"}, "matched no leaf"),
+        ({"rank": 2, "alpha": float("nan"), "targets": r".*attn/query/kernel"}, "alpha"),
+    ],
+)
+def test_every_method_is_built_before_the_first_one_trains(tmp_path, kwargs, error):
+    config = config_lib.load("e1_topics", "tiny")
+    methods = (config.methods[2], MethodConfig("lora", kwargs=kwargs, label="bad"))
+    config = dataclasses.replace(config, methods=methods)
+    with pytest.raises(runner.ConfigError, match=rf"method 'bad' .*{error}"):
+        runner.run(config, tmp_path, quiet=True)
+    assert not (tmp_path / config.name / "lora").exists()  # the first never started
+
+
+def _exploding(config, policy):
+    # warm-up from 0, then a learning rate of 1e38: step 2 moves the adapters to ~1e38
+    # (finite), so step 3's forward pass overflows
+    lora = dataclasses.replace(config.methods[2], learning_rate=1e38)
+    return dataclasses.replace(config, methods=(lora,), checkpoint_every=1, on_nonfinite=policy)
+
+
+def _checkpoint_steps(directory):
+    from jaxlora.checkpoint import CheckpointManager
+
+    with CheckpointManager(directory, read_only=True) as mgr:
+        return mgr.all_steps()
+
+
+def test_non_finite_training_stops_before_it_is_checkpointed(tmp_path):
+    config = _exploding(config_lib.load("e1_topics", "tiny"), "stop")
+    with pytest.raises(runner.NonFiniteError, match=r"lora: step 3 is not finite: loss=(nan|inf)"):
+        runner.run(config, tmp_path, quiet=True)
+    assert _checkpoint_steps(tmp_path / config.name / "lora" / "checkpoints") == [1, 2]
+
+
+def test_non_finite_steps_skipped_or_warned_about(tmp_path):
+    config = _exploding(config_lib.load("e1_topics", "tiny"), "skip")
+    runner.run(config, tmp_path / "skip", quiet=True)
+    ckpt = tmp_path / "skip" / config.name / "lora" / "checkpoints"
+    assert _checkpoint_steps(ckpt)[-1] == config.steps  # skipped steps leave a finite state
+    config = dataclasses.replace(config, on_nonfinite="warn")
+    with pytest.warns(UserWarning, match=r"step 3 is not finite.*no further checkpoints"):
+        runner.run(config, tmp_path / "warn", quiet=True)
+    assert _checkpoint_steps(tmp_path / "warn" / config.name / "lora" / "checkpoints") == [1, 2]

@@ -239,3 +239,11 @@ def test_lora_dropout_travels_through_the_peft_format(tmp_path):
     out = jl.export_peft(tmp_path / "peft", ad, {"q/kernel": "q"})
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05
     assert jl.import_peft(out, params, {"q/kernel": "q"})["q"]["kernel"].dropout == 0.05
+
+
+@pytest.mark.parametrize("make", [jl.lora, jl.lora_fa, jl.dora])
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), "16"])
+def test_non_finite_alpha_is_refused_naming_it(make, alpha):
+    # a NaN/inf scale would make the merged kernel NaN from the first step
+    with pytest.raises(ValueError, match=r"alpha must be a finite number, got alpha="):
+        make(rank=2, alpha=alpha, targets=".*kernel")

@@ -109,6 +109,7 @@ def test_selection_works_on_shapes_only():
     shapes = jax.eval_shape(lambda: PARAMS)
     targets = [STACKED, OUT, "all-linear"]
     assert select(shapes, targets) == select(PARAMS, targets)
+    assert set(select(shapes, "all-linear")) == set(select(PARAMS, "all-linear"))
 
 
 def test_peft_target_modules_are_module_names():
@@ -129,3 +130,25 @@ def test_peft_target_modules_are_module_names():
         module_targets(["layers/.*"])
     with pytest.raises(jl.TargetError, match="module names such as"):
         jl.vera(target_modules=[])
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int8", "uint8", "bool"])
+@pytest.mark.parametrize("make", [jl.lora, jl.vera, jl.full])
+def test_non_floating_kernel_is_refused_naming_path_and_dtype(make, dtype):
+    # merge() cannot add a float update to an integer kernel: it would be cast away, and
+    # the trained update lost from the merged/exported model
+    params = {
+        "ok": {"kernel": jnp.ones((4, 4))},
+        "t": {"kernel": jnp.arange(16).reshape(4, 4).astype(dtype)},
+    }
+    kw = {} if make is jl.full else {"rank": 2}
+    with pytest.raises(jl.TargetError, match=rf"t/kernel.*{dtype}"):
+        make(targets=".*kernel", **kw).init(jax.random.key(0), params)
+    # shapes only: refused the same way
+    with pytest.raises(jl.TargetError, match=rf"t/kernel.*{dtype}"):
+        select(jax.eval_shape(lambda: params), ".*kernel")
+
+
+def test_floating_kernels_of_every_width_are_selected():
+    params = {n: {"kernel": jnp.ones((4, 4), n)} for n in ("float32", "bfloat16", "float16")}
+    assert sorted(select(params, ".*kernel")) == [f"{n}/kernel" for n in sorted(params)]

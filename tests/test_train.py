@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jl_testing import randomize
 from test_optim import PARAMS, TARGETS, _frozen_a_adapters
 
@@ -93,3 +94,46 @@ def test_has_aux_metrics():
 
     _, _, _, m = jl.train_step(loss, tx, has_aux=True, donate=False)(PARAMS, ad, tx.init(ad), BATCH)
     np.testing.assert_allclose(m["twice"], 2 * m["loss"], rtol=1e-6)
+
+
+def _spec_state(name):
+    extra = {"lam": 0.5, "start_step": 0} if name == "delta_lora" else {}
+    recipe = jl.recipe(name, rank=2, targets=".*kernel", **extra)
+    params, ad = recipe.prepare(jax.random.key(0), PARAMS)
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    tx = recipe.optimizer(optax.adam, learning_rate=0.1)
+    return recipe, tx, params, ad, tx.init(ad)
+
+
+@pytest.mark.parametrize("name", ["lora", "delta_lora"])
+def test_finite_flag_reports_nan_and_inf(name):
+    _, tx, params, ad, state = _spec_state(name)
+    step = jl.train_step(_loss, tx, donate=False)
+    *_, m = step(params, ad, state, BATCH)
+    assert m["finite"].dtype == jnp.bool_ and bool(m["finite"])
+    for bad in (jnp.nan, jnp.inf):
+        batch = {**BATCH, "x": BATCH["x"].at[0, 0].set(bad)}
+        *_, m = step(params, ad, state, batch)
+        # the independent check: the host sees a non-finite loss or gradient norm
+        host = np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+        assert not host and not bool(m["finite"])
+
+
+def test_finite_flag_catches_a_nan_update_from_finite_gradients():
+    _, _, params, ad, _ = _spec_state("lora")
+    tx = jl.optimizer(optax.sgd(jnp.nan))  # finite gradients, NaN updates
+    *_, m = jl.train_step(_loss, tx, donate=False)(params, ad, tx.init(ad), BATCH)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"])
+
+
+@pytest.mark.parametrize("name", ["lora", "delta_lora"])
+def test_skip_nonfinite_leaves_the_state_unchanged(name):
+    _, tx, params, ad, state = _spec_state(name)
+    step = jl.train_step(_loss, tx, donate=False, skip_nonfinite=True)
+    batch = {**BATCH, "x": BATCH["x"].at[0, 0].set(jnp.nan)}
+    out = step(params, ad, state, batch)
+    chex.assert_trees_all_equal(out[:3], (params, ad, state))
+    out = step(params, ad, state, BATCH)  # a finite step still trains
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), out[1], ad)
+    assert any(jax.tree_util.tree_leaves(changed))

@@ -26,12 +26,25 @@ atomic step directories, multi-host) and adds what a fine-tuning run needs on to
   vectors cost their bytes, not their count. An adapter-only checkpoint of SmolLM2 is
   ≤ 1.05× its trainable bytes (``scripts/checkpoint_sizes.py``).
 
-orbax writes each step into a temporary directory and renames it when complete, so a save
-interrupted by a crash or a kill leaves the earlier steps intact and restorable.
+What a checkpoint directory guarantees:
+
+* **Atomic steps.** orbax writes each step into a temporary directory and renames it when
+  complete, and retention renames a step out of the listing (into ``.deleted/``) before it
+  deletes any file, so a crash or a kill mid-save or mid-delete never leaves a partial
+  step listed: every step in :meth:`~CheckpointManager.all_steps` is whole.
+* **Checksummed.** Every array's CRC-32 is in its step's metadata and verified on restore;
+  a corrupt array is refused by path (:class:`CorruptCheckpointError`), and
+  ``restore(fallback=True)`` walks back to the newest intact step, warning what it skipped
+  (:mod:`~jaxlora.checkpoint.integrity`).
+* **One writer.** A writing manager holds an exclusive lock file naming its host and pid;
+  a second writer is refused, a dead one's lock taken over (:mod:`~jaxlora.checkpoint.lock`).
+* **NaN-safe retention.** A NaN or infinite ``best_metric`` never ranks as best, so it
+  never causes a finite step to be deleted.
 
 Modules: ``manager`` (the manager, save and restore), ``layout`` (trees as plain dicts on
 disk, packing), ``describe`` (the adapters' static configuration and its comparison),
-``storage`` (compact shared state, omitted frozen arrays), ``sizes``.
+``storage`` (compact shared state, omitted frozen arrays), ``integrity`` (checksums),
+``lock`` (the writer lock), ``sizes``.
 
 Examples:
   >>> import tempfile, jax, jax.numpy as jnp, optax, jaxlora as jl
@@ -50,7 +63,7 @@ Examples:
 """
 
 from jaxlora.checkpoint.describe import describe_adapters
-from jaxlora.checkpoint.errors import CheckpointError
+from jaxlora.checkpoint.errors import CheckpointError, CorruptCheckpointError
 from jaxlora.checkpoint.layout import PACK_LIMIT
 from jaxlora.checkpoint.manager import FORMAT_VERSION, CheckpointManager, TrainState
 from jaxlora.checkpoint.sizes import array_bytes, checkpoint_bytes
@@ -60,6 +73,7 @@ __all__ = [
     "PACK_LIMIT",
     "CheckpointError",
     "CheckpointManager",
+    "CorruptCheckpointError",
     "TrainState",
     "array_bytes",
     "checkpoint_bytes",

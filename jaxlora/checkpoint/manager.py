@@ -12,7 +12,12 @@ was left out, each a function of its own.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import shutil
+import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,9 +30,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlora._version import version
 from jaxlora.adapters import adapter_nodes
-from jaxlora.checkpoint import layout, storage
+from jaxlora.checkpoint import integrity, layout, storage
 from jaxlora.checkpoint.describe import compare_descriptions, describe_adapters, short
-from jaxlora.checkpoint.errors import CheckpointError
+from jaxlora.checkpoint.errors import CheckpointError, CorruptCheckpointError
+from jaxlora.checkpoint.lock import WriterLock
 from jaxlora.keypaths import flatten, path_str
 
 __all__ = ["FORMAT_VERSION", "CheckpointManager", "TrainState"]
@@ -38,6 +44,18 @@ Version 2 names how each shared-state entry was stored (``shared_storage``); ver
 recorded VeRA's alone (``vera_storage``)."""
 
 _ADAPTERS, _OPT_STATE, _BASE, _META = "adapters", "opt_state", "base", "meta"
+
+TRASH = ".deleted"
+"""Retention renames a step into this subdirectory (atomic) before deleting its files, so
+a step that is listed is always whole, even if the process is killed mid-delete."""
+
+_log = logging.getLogger("jaxlora.checkpoint")
+
+
+def _rank(value: Any, worst: float) -> float:
+    """A metric as retention ranks it: NaN and ±inf rank worst, never best."""
+    value = float(value)
+    return value if math.isfinite(value) else worst
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +198,16 @@ class CheckpointManager:
         stored compact when its method says that is exact (VeRA: the key only).
       store_base: Store the targeted base kernels passed to :meth:`save` as ``base`` (set
         it to ``recipe.moves_base``: only a method that moves the base needs them).
+      checksums: Record a CRC-32 of every array in the step's metadata and verify it on
+        restore (:mod:`jaxlora.checkpoint.integrity`). Steps saved without are restored
+        unverified.
+      read_only: Only list, inspect and restore: take no writer lock (so a directory that
+        another process is writing can be watched) and refuse :meth:`save`.
+
+    A writing manager holds the directory's writer lock (:mod:`jaxlora.checkpoint.lock`)
+    until :meth:`close`; a second writer, in this process or another, is refused. A step
+    whose ``best_metric`` is NaN or infinite never ranks as best, so it never causes a
+    finite step to be deleted.
 
     Examples:
       >>> import tempfile, jax, jax.numpy as jnp, jaxlora as jl
@@ -206,6 +234,8 @@ class CheckpointManager:
         method: Any = None,
         store_frozen: bool = True,
         store_base: bool = True,
+        checksums: bool = True,
+        read_only: bool = False,
     ):
         import orbax.checkpoint as ocp
 
@@ -218,11 +248,27 @@ class CheckpointManager:
         self.method = getattr(method, "name", method)
         self.store_frozen = store_frozen
         self.store_base = store_base
+        self.checksums = checksums
+        self.read_only = read_only
+        self._lock = None
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # process 0 holds the lock for the whole job
+            # before orbax starts: its start-up removes temporary directories, which
+            # would be another live writer's saves in progress
+            self._lock = WriterLock(self.directory)
+            self._lock.acquire()
+            self._release = weakref.finalize(self, self._lock.release)
+        self._purge_trash()
+        worst = math.inf if best_mode == "min" else -math.inf
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         if best_metric is not None:
             policies.append(
                 ocp.checkpoint_managers.BestN(
-                    get_metric_fn=lambda m: m[best_metric],
+                    get_metric_fn=lambda m: _rank(m[best_metric], worst),
                     reverse=best_mode == "min",
                     n=keep_best,
                     keep_checkpoints_without_metrics=False,
@@ -234,8 +280,30 @@ class CheckpointManager:
             # temporary directories of saves that were killed are removed on start
             cleanup_tmp_directories=True,
             create=True,
+            todelete_subdir=TRASH,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._release()
+            self._lock = None
+
+    def _purge_trash(self) -> None:
+        """Deletes the steps retention renamed into :data:`TRASH` (they are listed nowhere,
+        so a delete that is interrupted here loses nothing and is finished next time)."""
+        trash = self.directory / TRASH
+        if self.read_only or jax.process_index() != 0 or not trash.is_dir():
+            return
+        for entry in trash.iterdir():
+            try:
+                shutil.rmtree(entry)
+            except OSError as e:
+                _log.warning("could not delete the retired step %s yet: %s", entry, e)
 
     # -- housekeeping
 
@@ -254,7 +322,7 @@ class CheckpointManager:
         scored = []
         for step in self.all_steps():
             m = self.metadata(step).get("metrics") or {}
-            if self.best_metric in m:
+            if self.best_metric in m and math.isfinite(m[self.best_metric]):
                 scored.append((m[self.best_metric], step))
         if not scored:
             return None
@@ -263,10 +331,15 @@ class CheckpointManager:
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is on disk."""
         self._manager.wait_until_finished()
+        self._purge_trash()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
-        self._manager.close()
+        """Waits for pending saves, releases orbax's resources and the writer lock."""
+        try:
+            self._manager.close()
+            self._purge_trash()
+        finally:
+            self._release_lock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -287,7 +360,7 @@ class CheckpointManager:
                 step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
             )[_META]
         except Exception as e:
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"checkpoint step {step} in {self.directory} is corrupt or incomplete: cannot "
                 f"read its metadata ({type(e).__name__}: {e})"
             ) from e
@@ -345,9 +418,12 @@ class CheckpointManager:
           ``True`` (the step was saved or queued).
 
         Raises:
-          CheckpointError: If the step exists already, or ``best_metric`` is missing.
+          CheckpointError: If the step exists already, ``best_metric`` is missing, or the
+            manager is read-only.
         """
         step = int(step)
+        if self.read_only:
+            raise CheckpointError(f"this manager of {self.directory} is read-only: cannot save")
         if step in self.all_steps():
             raise CheckpointError(
                 f"step {step} is already saved in {self.directory}; refusing to overwrite it"
@@ -391,6 +467,10 @@ class CheckpointManager:
                 continue
             paths, leaves, _ = layout.leaf_paths(tree)
             meta["manifests"][name] = layout.manifest(paths, leaves)
+            if self.checksums:
+                sums = meta.setdefault("checksums", {})
+                sums[name] = integrity.checksums(paths, leaves)
+                meta["checksum_algorithm"] = integrity.ALGORITHM
             if leaves:  # orbax cannot write an empty tree (e.g. plain SGD's state)
                 nested, meta["packed"][name] = layout.pack(paths, leaves)
                 items[name] = ocp.args.StandardSave(nested)
@@ -411,8 +491,11 @@ class CheckpointManager:
         base: Any = None,
         adapter_shardings: Any = None,
         opt_state_shardings: Any = None,
+        fallback: bool = False,
     ) -> TrainState:
         """Restores a step into the structure, dtypes and shardings of the given targets.
+
+        Every array is checked against the checksum recorded when it was saved.
 
         Args:
           step: The step; the latest by default.
@@ -427,16 +510,51 @@ class CheckpointManager:
           adapter_shardings: A tree of ``jax.sharding.Sharding`` like ``adapters``;
             defaults to each target leaf's own ``.sharding``, else replicated.
           opt_state_shardings: Likewise for ``opt_state``.
+          fallback: If ``step`` (the latest by default) is corrupt, walk back to the newest
+            earlier step that is intact, warning which steps were skipped and why.
 
         Returns:
-          A :class:`TrainState`.
+          A :class:`TrainState` (its ``step`` says which step was restored).
 
         Raises:
-          CheckpointError: If there is no such step, the files are corrupt or truncated, or
-            the target does not match the checkpoint (another method, rank, target set,
-            shape or optimizer); the message lists the differences.
+          CorruptCheckpointError: If the step's files cannot be read or an array fails its
+            checksum (the message names the array); with ``fallback``, if no step is intact.
+          CheckpointError: If there is no such step, or the target does not match the
+            checkpoint (another method, rank, target set, shape or optimizer); the message
+            lists the differences. ``fallback`` never walks past such a mismatch.
         """
-        step = self._resolve_step(step)
+        first = self._resolve_step(step)
+        targets = dict(
+            adapters=adapters,
+            opt_state=opt_state,
+            base=base,
+            adapter_shardings=adapter_shardings,
+            opt_state_shardings=opt_state_shardings,
+        )
+        if not fallback:
+            return self._restore(first, **targets)
+        skipped = []
+        for candidate in [s for s in reversed(self.all_steps()) if s <= first]:
+            try:
+                restored = self._restore(candidate, **targets)
+            except CorruptCheckpointError as e:
+                skipped.append(str(e))
+                continue
+            if skipped:
+                warnings.warn(
+                    "; ".join(skipped)
+                    + f"; restored step {candidate} instead, the newest intact step",
+                    stacklevel=2,
+                )
+            return restored
+        raise CorruptCheckpointError(
+            f"no intact step in {self.directory} up to step {first}: " + "; ".join(skipped)
+        )
+
+    def _restore(
+        self, step, *, adapters, opt_state, base, adapter_shardings, opt_state_shardings
+    ) -> TrainState:
+        """Restores one step (see :meth:`restore`)."""
         meta = self.metadata(step)
         self._check_method(meta, step)
         how = _shared_storage(meta)
@@ -451,7 +569,7 @@ class CheckpointManager:
         if adapter_shardings is not None:
             shardings = storage.compact_shared(adapter_shardings, how)
         plans = self._plans(meta, step, stored, shardings, opt_state, opt_state_shardings, base)
-        out = self._read(step, plans, meta.get("packed", {}))
+        out = self._read(step, plans, meta)
         new_adapters = out[_ADAPTERS]
         if meta.get("frozen_sha256") is not None:
             new_adapters = storage.fill_frozen(new_adapters, stored, shardings)
@@ -496,9 +614,10 @@ class CheckpointManager:
             plans[_BASE] = _plan(_BASE, _base_kernels(base, stored), None, manifests)
         return plans
 
-    def _read(self, step: int, plans: dict[str, _Plan], packed: dict[str, Any]) -> dict:
-        """Reads the planned items and unpacks them into trees."""
+    def _read(self, step: int, plans: dict[str, _Plan], meta: dict[str, Any]) -> dict:
+        """Reads the planned items, unpacks them and verifies their checksums."""
         ocp = self._ocp
+        packed, sums = meta.get("packed", {}), meta.get("checksums") or {}
         items = {}
         for name, plan in plans.items():
             if plan.paths:
@@ -511,9 +630,9 @@ class CheckpointManager:
                 self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
             )
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: "
-                f"{type(e).__name__}: {e}"
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: its "
+                f"{', '.join(items)} cannot be read ({type(e).__name__}: {e})"
             ) from e
         out = {}
         for name, plan in plans.items():
@@ -522,6 +641,8 @@ class CheckpointManager:
                 leaves = layout.unpack(
                     restored[name], plan.paths, plan.abstract, packed.get(name, {})
                 )
+                where = f"checkpoint step {step} in {self.directory}, {name}"
+                integrity.verify(where, plan.paths, leaves, sums.get(name, {}))
             out[name] = jax.tree_util.tree_unflatten(plan.treedef, leaves)
         return out
 

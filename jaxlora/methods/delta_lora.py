@@ -32,6 +32,8 @@ References:
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora import recipes
+from jaxlora._validate import finite
 from jaxlora.adapters import adapter_nodes, shared_state
 from jaxlora.methods.lora import LoraAdapter, lora
 from jaxlora.optim import BaseMoving
@@ -70,6 +73,38 @@ def _refuse_quantized(base: Any, nodes: dict[str, Any]) -> None:
         )
 
 
+LAM_WARN = 10.0
+"""``delta_lora`` warns for a ``lam`` above this."""
+
+
+def check_hyperparameters(lam: Any, start_step: Any) -> float:
+    """``lam`` as a float, after refusing a ``start_step`` that is not an integer ``>= 0`` or
+    a ``lam`` that is not finite and ``>= 0`` (``ValueError``), and warning for a ``lam`` above
+    :data:`LAM_WARN`.
+
+    Examples:
+      >>> check_hyperparameters(0.5, 100)
+      0.5
+    """
+    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral):
+        raise ValueError(f"delta_lora: start_step must be an integer, got {start_step!r}")
+    if start_step < 0:
+        raise ValueError(f"delta_lora: start_step must be >= 0, got {start_step!r}")
+    lam = finite("delta_lora", "lam", lam)
+    if lam < 0:
+        raise ValueError(
+            f"delta_lora: lam must be >= 0 (it moves W along the adapter's own change; a "
+            f"negative lam moves it against), got lam={lam!r}"
+        )
+    if lam > LAM_WARN:
+        warnings.warn(
+            f"delta_lora: lam={lam!r} is unusually large: each step moves W by more than "
+            f"{LAM_WARN:g}x the adapter's own change; values of order 1 are typical",
+            stacklevel=3,
+        )
+    return lam
+
+
 def delta_lora(
     inner: optax.GradientTransformation,
     *,
@@ -82,7 +117,9 @@ def delta_lora(
     Args:
       inner: The transform for the adapters, e.g. ``jl.optimizer(optax.adamw(1e-4))``; it
         sees the adapters tree exactly as it would without Delta-LoRA.
-      lam: ``λ``, the multiplier of the product's change.
+      lam: ``λ``, the multiplier of the product's change: finite and ``>= 0`` (``0`` is
+        plain LoRA); values of order 1 are typical and above :data:`LAM_WARN` a warning
+        is issued.
       start_step: ``K``: updates number ``K, K+1, ...`` (counting from 0) move the base.
       scale_delta: Multiply the delta by the adapter's scale ``s`` (``λ·s·(A'B' − AB)``)
         instead of the paper's ``λ·(A'B' − AB)``.
@@ -94,7 +131,8 @@ def delta_lora(
       targeted kernel moved by ``λ·(A'B' − AB)`` once ``state.count >= start_step``.
 
     Raises:
-      ValueError: If ``start_step < 0``; from ``move_base``, if the params lack a targeted
+      ValueError: If ``start_step`` is not an integer ``>= 0`` or ``lam`` is not a finite
+        number ``>= 0``; from ``move_base``, if the params lack a targeted
         kernel or an adapter rescales columns (DoRA), where the delta rule is not defined,
         or a targeted kernel is quantized (see the module docstring).
       TypeError: From ``init``, if not given an adapters tree.
@@ -115,8 +153,7 @@ def delta_lora(
     References:
       Zi et al., 2023, https://arxiv.org/abs/2309.02411.
     """
-    if start_step < 0:
-        raise ValueError(f"delta_lora: start_step must be >= 0, got {start_step!r}")
+    lam = check_hyperparameters(lam, start_step)
 
     def init(adapters: Any) -> DeltaLoraState:
         adapter_nodes(adapters)  # anything but an adapters tree is a clear error here

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import recipes
+from jaxlora._validate import finite
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.interop import peft
 from jaxlora.keypaths import flatten, nest
@@ -94,10 +95,12 @@ def dropout_rate(dropout: float, lora_dropout: float | None) -> float:
 
 
 def lora_scale(*, rank: int, alpha: float, rslora: bool) -> float:
-    """The prelude of every LoRA-family factory: checks ``rank``, returns the scale
-    ``alpha/r`` (``alpha/√r`` for rsLoRA)."""
+    """The prelude of every LoRA-family factory: checks ``rank`` and ``alpha`` (finite: a
+    NaN/inf scale makes the merged kernel NaN from init), returns the scale ``alpha/r``
+    (``alpha/√r`` for rsLoRA)."""
     if not isinstance(rank, int) or rank < 1:
         raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    alpha = finite("lora", "alpha", alpha)
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 

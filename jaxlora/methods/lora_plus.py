@@ -22,6 +22,7 @@ import jax
 import optax
 
 from jaxlora import recipes
+from jaxlora._validate import finite
 from jaxlora.adapters import FROZEN, labels
 from jaxlora.methods.lora import lora
 
@@ -32,8 +33,8 @@ _BASE = "base"
 
 
 def check_ratio(ratio: float) -> None:
-    """LoRA+'s one rule on its ratio: ``lr_B / lr_A`` must be positive."""
-    if not ratio > 0:
+    """LoRA+'s one rule on its ratio: ``lr_B / lr_A`` must be positive and finite."""
+    if not finite("lora_plus", "ratio", ratio) > 0:
         raise ValueError(f"lora_plus: ratio must be > 0, got ratio={ratio!r}")
 
 

@@ -75,6 +75,7 @@ def sharded_train_step(
     strict: bool = False,
     donate: bool = True,
     gather: Sequence[str] = ("fsdp",),
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
     """:func:`jaxlora.train_step` jitted with explicit input/output shardings and donation.
 
@@ -97,6 +98,8 @@ def sharded_train_step(
         step (FSDP: split at rest, whole where used). Without it XLA may instead keep the
         kernels split, replicate the batch and all-reduce every activation, then gather
         each kernel again for the backward pass. ``()`` leaves the choice to XLA.
+      skip_nonfinite: As for :func:`jaxlora.train_step`: a step whose ``finite`` metric is
+        false leaves the state unchanged.
 
     Returns:
       ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state, metrics)``.
@@ -124,7 +127,12 @@ def sharded_train_step(
     """
     mesh = next(s.mesh for s in jax.tree_util.tree_leaves(adapter_shardings) if hasattr(s, "mesh"))
     step = train_step(
-        gathered(loss_fn, param_shardings, gather), tx, has_aux=has_aux, strict=strict, jit=False
+        gathered(loss_fn, param_shardings, gather),
+        tx,
+        has_aux=has_aux,
+        strict=strict,
+        jit=False,
+        skip_nonfinite=skip_nonfinite,
     )
     replicated = NamedSharding(mesh, P())
     return jax.jit(
