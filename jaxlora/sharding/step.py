@@ -1,25 +1,33 @@
 """The sharded train step: :func:`jaxlora.train_step` jitted with explicit shardings.
 
-Under FSDP the step all-gathers each frozen kernel once at the top of the loss (the gathered
-copy serves forward and backward; a frozen kernel has no gradient to reduce-scatter). For
-scanned layers that gathers the whole stack at once: per-layer gathering inside the scan
-would need the constraint inside the layer body.
+Under FSDP the step all-gathers each frozen kernel where it is used, never differentiates
+it, and keeps adapters and optimizer state split. An unscanned kernel is gathered once at
+the top of the loss (the gathered copy serves forward and backward). A stacked kernel that
+the model slices in a ``scan`` over layers is gathered *per layer*, inside the loop body
+(:func:`jaxlora.adapt.layer_shardings`): gathering it at the top would hold every layer's
+weights on every device at once, which at billions of parameters is the whole model and
+defeats FSDP. Which leaves are scanned is read off the traced loss
+(:func:`scanned_paths`), so it works for any model, not only ``jaxlora.models``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
+import jax.extend as jex
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlora.adapt import layer_shardings
+from jaxlora.keypaths import path_str
+from jaxlora.sharding.adapters import shapes_of
 from jaxlora.sharding.rules import entry_axes
 from jaxlora.train import train_step
 
-__all__ = ["gathered", "sharded_train_step"]
+__all__ = ["gathered", "scanned_paths", "sharded_train_step"]
 
 
 def _drop_axes(spec: P, axes: Sequence[str]) -> P:
@@ -30,12 +38,24 @@ def _drop_axes(spec: P, axes: Sequence[str]) -> P:
     return P(*(keep(e) for e in spec))
 
 
-def gathered(loss_fn: Callable[..., Any], param_shardings: Any, axes: Sequence[str]):
+def gathered(
+    loss_fn: Callable[..., Any],
+    param_shardings: Any,
+    axes: Sequence[str],
+    *,
+    skip: Collection[str] = (),
+):
     """Wraps ``loss_fn`` so its params are first resharded without the mesh ``axes``.
 
     ``jaxlora.adapt`` carries the constraint into the adapter factors, so under FSDP each
     frozen kernel is all-gathered once per step, used by the forward and the backward
     pass alike, and never differentiated.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args)``.
+      param_shardings: The params' shardings at rest.
+      axes: The mesh axes to gather over (``("fsdp",)``).
+      skip: Key paths left as they are (stacked leaves gathered per layer instead).
 
     Examples:
       >>> from jaxlora.sharding import make_mesh, param_shardings, gathered
@@ -47,14 +67,76 @@ def gathered(loss_fn: Callable[..., Any], param_shardings: Any, axes: Sequence[s
     axes = tuple(axes)
     if not axes:
         return loss_fn
-    whole = jax.tree_util.tree_map(
-        lambda s: NamedSharding(s.mesh, _drop_axes(s.spec, axes)), param_shardings
+    skip = frozenset(skip)
+    whole = jax.tree_util.tree_map_with_path(
+        lambda kp, s: (
+            s if path_str(kp) in skip else NamedSharding(s.mesh, _drop_axes(s.spec, axes))
+        ),
+        param_shardings,
     )
 
     def fn(params, *args, **kwargs):
         return loss_fn(jax.lax.with_sharding_constraint(params, whole), *args, **kwargs)
 
     return fn
+
+
+def _sub_jaxpr(eqn) -> Any:
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(name)
+        if sub is not None:
+            return getattr(sub, "jaxpr", sub)
+    return None
+
+
+def _scanned_inputs(jaxpr, live: dict[Any, int]) -> set[int]:
+    # positions of `live` inputs that reach a scan's xs unchanged, through nested calls
+    found: set[int] = set()
+    for eqn in jaxpr.eqns:
+        ins = [live.get(v) if not isinstance(v, jex.core.Literal) else None for v in eqn.invars]
+        if eqn.primitive.name == "scan":
+            first = eqn.params["num_consts"] + eqn.params["num_carry"]
+            found |= {i for i in ins[first:] if i is not None}
+            continue
+        sub = _sub_jaxpr(eqn)
+        if sub is not None and len(sub.invars) == len(ins):
+            inner = {v: i for v, i in zip(sub.invars, ins) if i is not None}
+            if inner:
+                found |= _scanned_inputs(sub, inner)
+    return found
+
+
+def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
+    """Key paths of the ``params`` leaves that ``fn(params, *args)`` slices in a ``scan``.
+
+    The stacked layers of a scanned model: ``fn`` is traced abstractly (nothing runs) and
+    a leaf counts when it reaches a scan's ``xs`` unchanged (through nested ``jit``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> def fn(p, x):
+      ...     y, _ = jax.lax.scan(lambda h, w: (h @ w, None), x, p["stack"])
+      ...     return (y @ p["head"]).sum()
+      >>> p = {"stack": jnp.ones((3, 4, 4)), "head": jnp.ones((4, 2))}
+      >>> sorted(scanned_paths(fn, p, jnp.ones((1, 4))))
+      ['stack']
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    closed = jax.make_jaxpr(fn)(shapes_of(params), *shapes_of(args))
+    invars = closed.jaxpr.invars[: len(flat)]
+    found = _scanned_inputs(closed.jaxpr, {v: i for i, v in enumerate(invars)})
+    return {path_str(flat[i][0]) for i in found}
+
+
+def _layer_shardings(param_shardings: Any, paths: Collection[str], axes: Sequence[str]):
+    # one layer's sharding of each scanned leaf that is split over a gathered axis
+    out = {}
+    for kp, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        spec = tuple(s.spec)
+        used = {a for e in spec for a in entry_axes(e)}
+        if path_str(kp) in paths and spec and spec[0] is None and used & set(axes):
+            out[path_str(kp)] = NamedSharding(s.mesh, P(*_drop_axes(P(*spec[1:]), axes)))
+    return out
 
 
 def sharded_train_step(
@@ -70,6 +152,7 @@ def sharded_train_step(
     donate: bool = True,
     gather: Sequence[str] = ("fsdp",),
     update_params: bool = False,
+    per_layer: bool = True,
 ) -> Callable[..., tuple[Any, ...]]:
     """:func:`jaxlora.train_step` jitted with explicit input/output shardings and donation.
 
@@ -92,6 +175,8 @@ def sharded_train_step(
         step (FSDP: split at rest, whole where used). Without it XLA may instead keep the
         kernels split, replicate the batch and all-reduce every activation, then gather
         each kernel again for the backward pass. ``()`` leaves the choice to XLA.
+      per_layer: Gather the stacked kernels of a scanned model one layer per scan
+        iteration (see the module docstring); ``False`` gathers them whole at the top.
       update_params: For optimizers that also move the base (Delta-LoRA, see
         :func:`jaxlora.train_step`): the step returns ``(params, adapters, opt_state,
         metrics)``, params keep their shardings and are donated too.
@@ -121,14 +206,22 @@ def sharded_train_step(
       1.0
     """
     mesh = next(s.mesh for s in jax.tree_util.tree_leaves(adapter_shardings) if hasattr(s, "mesh"))
-    step = train_step(
-        gathered(loss_fn, param_shardings, gather),
-        tx,
-        has_aux=has_aux,
-        strict=strict,
-        jit=False,
-        update_params=update_params,
-    )
+
+    def step(params, adapters, opt_state, batch):
+        # traced once per compile: which leaves are scanned is known only from the loss
+        scanned = scanned_paths(loss_fn, params, batch) if per_layer and gather else set()
+        layers = _layer_shardings(param_shardings, scanned, gather)
+        inner = train_step(
+            gathered(loss_fn, param_shardings, gather, skip=layers),
+            tx,
+            has_aux=has_aux,
+            strict=strict,
+            jit=False,
+            update_params=update_params,
+        )
+        with layer_shardings(layers):
+            return inner(params, adapters, opt_state, batch)
+
     replicated = NamedSharding(mesh, P())
     out = (adapter_shardings, opt_state_shardings, replicated)
     if update_params:
