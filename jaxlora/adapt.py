@@ -655,6 +655,12 @@ def _scan(ctx, eqn, invals):
         outs = _plain(ctx, outs, "scan output", eqn)
         return outs[:ncarry], outs[ncarry:]
 
+    if any(id(x.w if isinstance(x, _Lazy) else x) in ctx.layers for x in xs):
+        # The backward pass must gather each layer again, not keep every layer's gathered
+        # copy as a residual (the whole stack again). Only rematerialising the body does
+        # that: a names policy would have to override a remat inside the layer, and XLA
+        # then saves all of its activations. A layer already under remat costs no more.
+        body = jax.checkpoint(body, prevent_cse=False)
     carry, ys = lax.scan(
         body, init, packed, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
     )
@@ -673,7 +679,9 @@ def layer_shardings(shardings: Mapping[str, Any]):
     ``shardings`` maps a ``params`` key path to the sharding of *one layer* of that stacked
     leaf (its leading axis dropped). Where the leaf is sliced by a ``scan`` as it came in,
     the slice (and a lazy kernel's factors with it) is constrained inside the loop body, so
-    FSDP all-gathers one layer per iteration instead of the whole stack up front.
+    FSDP all-gathers one layer per iteration instead of the whole stack up front. Such a
+    scan body is rematerialised, so the backward pass gathers each layer again rather than
+    keeping every gathered layer as a residual.
     :func:`jaxlora.sharding.sharded_train_step` sets it; it is read when the adapted
     function is called (traced), not when it is built.
 

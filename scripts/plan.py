@@ -142,7 +142,7 @@ def method_of(name: str, rank: int) -> jl.Method:
 
 
 def _f32(tree):
-    # adapters (and full fine-tuning's master copy) train in float32 over a bf16 base
+    # low-rank adapters train in float32 over the bf16 base
     def cast(x):
         dtype = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
         return jax.ShapeDtypeStruct(x.shape, dtype)
@@ -230,7 +230,9 @@ def build(config, mesh_shape, method, *, batch, seq, rank, per_layer=True) -> Pl
     preset = "fsdp_tp" if mesh_shape.get("tensor", 1) > 1 else "fsdp"
     shapes = jax.eval_shape(functools.partial(llama.init_params, config=config), jax.random.key(0))
     psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
-    adapters = _f32(jax.eval_shape(method_of(method, rank).init, jax.random.key(1), shapes))
+    adapters = jax.eval_shape(method_of(method, rank).init, jax.random.key(1), shapes)
+    if method != "full":  # a fully trained copy must keep its base leaf's dtype
+        adapters = _f32(adapters)
     ash = sh.adapter_shardings(adapters, psh)
     tx = jl.optimizer(optax.adamw(1e-4))
     opt_state = jax.eval_shape(tx.init, adapters)

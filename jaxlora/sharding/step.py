@@ -68,15 +68,17 @@ def gathered(
     if not axes:
         return loss_fn
     skip = frozenset(skip)
-    whole = jax.tree_util.tree_map_with_path(
-        lambda kp, s: (
-            s if path_str(kp) in skip else NamedSharding(s.mesh, _drop_axes(s.spec, axes))
-        ),
-        param_shardings,
+    whole = jax.tree_util.tree_map(
+        lambda s: NamedSharding(s.mesh, _drop_axes(s.spec, axes)), param_shardings
     )
 
+    def constrain(kp, x, s):
+        # a skipped leaf is passed on untouched: jaxlora.adapt recognises it where a scan
+        # slices it, which a constraint (even a no-op one) would hide
+        return x if path_str(kp) in skip else jax.lax.with_sharding_constraint(x, s)
+
     def fn(params, *args, **kwargs):
-        return loss_fn(jax.lax.with_sharding_constraint(params, whole), *args, **kwargs)
+        return loss_fn(jax.tree_util.tree_map_with_path(constrain, params, whole), *args, **kwargs)
 
     return fn
 
