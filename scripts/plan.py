@@ -8,8 +8,8 @@ what XLA's ``memory_analysis()`` reports (arguments, outputs, temporaries, and t
 add up to), the bytes all-gathered and reduced per step (from the compiled HLO, loop bodies
 weighted by their trip counts) and an analytic expectation beside it:
 
-    weights/N + unscanned leaves gathered + one layer gathered + adapters, their gradients
-    and optimizer state + activations (layer inputs kept by remat, one layer's working set,
+    weights/N + unscanned leaves gathered + one layer gathered + adapters and optimizer
+    state + their gradients + activations (layer inputs kept by remat, one layer's working set,
     the logits)
 
 These are compile-time estimates of the XLA CPU backend's buffer assignment; a TPU or GPU
@@ -185,10 +185,8 @@ def analytic(plan: Plan) -> dict[str, int]:
     layer = sum(_gathered_bytes(x, s) for _, p, x, s in fsdp if p in plan.scanned) // c.num_layers
     trainable, _ = split_trainable(plan.adapters, plan.adapters)
     trainable_sh, _ = split_trainable(plan.adapter_shardings, plan.adapters)
-    state = (
-        _bytes_at_rest(plan.adapters, plan.adapter_shardings)
-        + _bytes_at_rest(plan.opt_state, plan.opt_state_shardings)
-        + _bytes_at_rest(trainable, trainable_sh)  # the gradients
+    state = _bytes_at_rest(plan.adapters, plan.adapter_shardings) + _bytes_at_rest(
+        plan.opt_state, plan.opt_state_shardings
     )
     b = plan.local_batch
     tokens, act = b * plan.seq, 2  # bf16 activations
@@ -204,6 +202,7 @@ def analytic(plan: Plan) -> dict[str, int]:
         # full fine-tuning also holds one layer's gathered gradient before its reduce-scatter
         "one layer gathered": layer * (2 if plan.method == "full" else 1),
         "adapter state": state,
+        "gradients": _bytes_at_rest(trainable, trainable_sh),
         "activations": kept + layer_acts + scores + logits,
     }
 
