@@ -173,12 +173,16 @@ def sharded_train_step(
       has_aux: Whether ``loss_fn`` returns ``(loss, aux_dict)``.
       strict: Passed to :func:`jaxlora.adapt`.
       donate: Donate the adapters and optimizer state buffers.
-      gather: Mesh axes over which the base params are all-gathered once at the top of the
-        step (FSDP: split at rest, whole where used). Without it XLA may instead keep the
+      gather: Mesh axes over which the base params are all-gathered where used (FSDP:
+        split at rest, whole where used): once at the top of the step, or per layer for
+        scanned stacks (``per_layer``). Without it XLA may instead keep the
         kernels split, replicate the batch and all-reduce every activation, then gather
         each kernel again for the backward pass. ``()`` leaves the choice to XLA.
       per_layer: Gather the stacked kernels of a scanned model one layer per scan
-        iteration (see the module docstring); ``False`` gathers them whole at the top.
+        iteration, in the forward pass and again in the (rematerialised) backward pass
+        (see the module docstring); ``False`` gathers them whole at the top, which holds
+        every layer's gathered weights at once but does not recompute a layer that the
+        model itself does not rematerialise.
       update_params: For optimizers that also move the base (Delta-LoRA, see
         :func:`jaxlora.train_step`): the step returns ``(params, adapters, opt_state,
         metrics)``, params keep their shardings and are donated too.
