@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -34,9 +33,11 @@ from experiments.config import ExperimentConfig, MethodConfig
 from experiments.tasks import ASSETS, RULE_PRESETS, TASKS, Task, partition_rules
 from jaxlora import assets, data, distributed
 from jaxlora import sharding as sh
+from jaxlora.adapters import full_leaves
 from jaxlora.checkpoint import array_bytes, checkpoint_bytes
-from jaxlora.methods import NAMES, MethodSpec
+from jaxlora.methods import NAMES
 from jaxlora.profiling import cost_of
+from jaxlora.recipes import Recipe, default_optimizer
 from jaxlora.train import split_trainable
 
 SPECIAL = ("full", "linear_probe", "untrained")
@@ -47,20 +48,16 @@ class ConfigError(ValueError):
     """A config that cannot run; raised before any training."""
 
 
-def _plain(make, *, learning_rate, **kw):
-    return jl.optimizer(make(learning_rate=learning_rate, **kw))
-
-
-def method_spec(m: MethodConfig, task: Task) -> MethodSpec:
+def method_recipe(m: MethodConfig, task: Task) -> Recipe:
     """The method to train, with the task's head (if any) trained in full beside it."""
     if m.name == "full":
-        return MethodSpec("full", jl.full(targets=".*"), _plain)
+        return Recipe("full", jl.full(targets=".*"), default_optimizer)
     if m.name in ("linear_probe", "untrained"):
-        return MethodSpec(m.name, jl.full(targets=task.head or "(?!)"), _plain)
-    spec = jl.method(m.name, **m.kwargs)
+        return Recipe(m.name, jl.full(targets=task.head or "(?!)"), default_optimizer)
+    recipe = jl.recipe(m.name, **m.kwargs)
     if task.head is None:
-        return spec
-    return dataclasses.replace(spec, adapters=jl.compose(spec.adapters, jl.full(targets=task.head)))
+        return recipe
+    return dataclasses.replace(recipe, method=jl.compose(recipe.method, jl.full(targets=task.head)))
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -159,14 +156,14 @@ def _latest_checkpoint_bytes(directory: pathlib.Path) -> int | None:
 
 
 def _head_params(adapters: Any) -> int:
-    return sum(x.size for x in jax.tree_util.tree_leaves(adapters.get("__full__", {})))
+    return sum(x.size for x in full_leaves(adapters).values())
 
 
 @dataclasses.dataclass
 class _State:
     """One method's training state, placed in its shards."""
 
-    spec: MethodSpec
+    recipe: Recipe
     tx: optax.GradientTransformation
     params: Any
     adapters: Any
@@ -179,34 +176,30 @@ class _State:
 
 def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _State:
     """Builds the method's adapters, optimizer and state, each directly in its shards."""
-    spec = method_spec(m, task)
-    params, adapters = spec.prepare(key, task.params)
-    if spec.update_params:
-        # the step donates and moves the base (Delta-LoRA): train on a copy, so the task's
-        # params stay intact for the methods that follow
-        params = jax.tree_util.tree_map(jnp.copy, params)
-    tx = spec.optimizer(
+    recipe = method_recipe(m, task)
+    params, adapters = recipe.prepare(key, task.params)
+    tx = recipe.optimizer(
         optax.adamw,
         learning_rate=_schedule(config, m.learning_rate),
         weight_decay=config.weight_decay,
     )
     # base params by the config's rules, each adapter array like its kernel, optimizer
-    # state like its parameter, batches over the data/fsdp axes
+    # state like its parameter, batches over the data/fsdp axes; put() copies, so the
+    # step may donate (and Delta-LoRA move) the base while the task's params stay intact
     mesh = jl.make_mesh(config.mesh)
     psh = sh.param_shardings(params, partition_rules(config.rules), mesh)
     params = distributed.put(params, psh)
     ash = sh.adapter_shardings(adapters, psh)
     adapters = distributed.put(adapters, ash)
-    base = {"params": params, "param_shardings": psh} if spec.update_params else {}
-    opt_state = sh.init_opt_state(tx, adapters, ash, **base)
+    opt_state = sh.init_opt_state(tx, adapters, ash)
     shardings = {
         "params": psh,
         "adapters": ash,
-        "opt_state": sh.opt_state_shardings(tx, adapters, ash, **base),
+        "opt_state": sh.opt_state_shardings(tx, adapters, ash),
         "batch": sh.batch_sharding(mesh),
     }
     batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
-    return _State(spec, tx, params, adapters, opt_state, shardings, batches)
+    return _State(recipe, tx, params, adapters, opt_state, shardings, batches)
 
 
 def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
@@ -214,13 +207,12 @@ def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
     restored = ckpt.restore(
         adapters=st.adapters,
         opt_state=st.opt_state,
-        base=st.params if st.spec.update_params else None,
+        base=st.params,
         adapter_shardings=st.shardings["adapters"],
         opt_state_shardings=st.shardings["opt_state"],
     )
-    st.adapters, st.opt_state, st.step = restored.adapters, restored.opt_state, restored.step
-    if st.spec.update_params:
-        st.params = restored.base
+    st.params, st.adapters, st.opt_state = restored.base, restored.adapters, restored.opt_state
+    st.step = restored.step
     st.batches.position = restored.data_position
     records = [json.loads(x) for x in (method_dir / "metrics.jsonl").read_text().splitlines()]
     st.history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= st.step)]
@@ -236,7 +228,6 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         adapter_shardings=shd["adapters"],
         opt_state_shardings=shd["opt_state"],
         batch_sharding=shd["batch"],
-        update_params=st.spec.update_params,
     )
     example = next(iter(data.sequential_batches(task.train, config.batch_size)))
     example.pop("valid")
@@ -258,11 +249,9 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
     for i in bar:
         batch = _put_batch(next(st.batches), shd["batch"])
         t0 = time.perf_counter()
-        out = compiled(st.params, st.adapters, st.opt_state, batch)
-        if st.spec.update_params:
-            st.params, st.adapters, st.opt_state, metrics = out
-        else:
-            st.adapters, st.opt_state, metrics = out
+        st.params, st.adapters, st.opt_state, metrics = compiled(
+            st.params, st.adapters, st.opt_state, batch
+        )
         loss = float(metrics["loss"])  # blocks: the step is finished
         dt = time.perf_counter() - t0
         times.append(dt)
@@ -282,7 +271,7 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
                 opt_state=st.opt_state,
                 rng=key,
                 data_position=st.batches.position,
-                base=st.params if st.spec.update_params else None,
+                base=st.params,
                 metrics={"loss": loss},
             )
             ckpt.wait()  # the next step donates these buffers: the host copy must be done
@@ -312,7 +301,10 @@ def run_method(
     method_dir = out_dir / m.display
     method_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = method_dir / "checkpoints"
-    with jl.CheckpointManager(ckpt_dir, max_to_keep=2, method=st.spec.adapters) as ckpt:
+    manager = jl.CheckpointManager(
+        ckpt_dir, max_to_keep=2, method=st.recipe.method, store_base=st.recipe.moves_base
+    )
+    with manager as ckpt:
         if resume and ckpt.latest_step() is not None:
             _resume(st, ckpt, method_dir)
         if st.history:

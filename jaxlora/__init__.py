@@ -4,19 +4,19 @@ from jaxlora import distributed, sharding
 from jaxlora.adapt import AdaptError, AdaptReport, adapt, adapt_report
 from jaxlora.adapters import Adapter, Method, compose, labels, merge, num_trainable, unmerge
 from jaxlora.checkpoint import CheckpointError, CheckpointManager
-from jaxlora.delta_lora import delta_lora
-from jaxlora.dora import dora
-from jaxlora.full import full
 from jaxlora.interop import export_merged, export_peft, hf_module_names, import_peft
-from jaxlora.lora import lora, pissa
-from jaxlora.lora_fa import lora_fa
-from jaxlora.lora_plus import lora_plus
-from jaxlora.methods import method
+from jaxlora.methods.delta_lora import delta_lora
+from jaxlora.methods.dora import dora
+from jaxlora.methods.full import full
+from jaxlora.methods.lora import lora
+from jaxlora.methods.lora_fa import lora_fa
+from jaxlora.methods.lora_plus import lora_plus
+from jaxlora.methods.vera import vera
 from jaxlora.optim import optimizer
+from jaxlora.recipes import Recipe, recipe
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
 from jaxlora.train import train_step
-from jaxlora.vera import vera
 
 __all__ = [
     "ALL_LINEAR",
@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "Method",
+    "Recipe",
     "Target",
     "TargetError",
     "adapt",
@@ -45,10 +46,9 @@ __all__ = [
     "lora_plus",
     "make_mesh",
     "merge",
-    "method",
     "num_trainable",
     "optimizer",
-    "pissa",
+    "recipe",
     "sharded_train_step",
     "sharding",
     "train_step",

@@ -199,7 +199,7 @@ def _broadcast(x: jax.Array, x_labels: str, out_labels: str) -> jax.Array:
 
 
 def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
-    f = node.kernel_factors(w, shared)
+    f = node.factors(w, shared)
     lay = node.layout
     roles = [STACK] * len(lay.shape)
     for ax in lay.in_axes:

@@ -19,6 +19,7 @@ DoRA-style methods). :meth:`Adapter.factors` returns that form.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import string
@@ -70,38 +71,38 @@ class Factors(NamedTuple):
     col_scale: jax.Array | None = None
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """Base class of per-kernel adapter nodes.
 
     Subclasses are frozen dataclasses registered with :func:`register_adapter`: fields named
     in ``ARRAYS`` are pytree children, every other field (``layout`` first) is static.
-    ``LABELS`` maps each array field to its optimizer label.
+    ``LABELS`` maps each array field to its optimizer label, ``AXES`` to the kernel-layout
+    groups of its axes (``"stack"``, ``"in"``, ``"out"``, ``"rank"``; e.g.
+    ``{"a": ("stack", "in", "rank")}``), by which :mod:`jaxlora.sharding` shards each axis
+    like the kernel axis it stands for (``rank``: replicated).
+
+    Every node answers one question, :meth:`factors`: its update in the canonical form,
+    given the base kernel (most methods ignore its values; DoRA's column scale reads them).
     """
 
     ARRAYS: ClassVar[tuple[str, ...]] = ()
     LABELS: ClassVar[dict[str, str]] = {}
-    # Per array field, the kernel-layout groups of its axes ("stack", "in", "out", "rank"),
-    # e.g. {"a": ("stack", "in", "rank")}: jaxlora.sharding shards each axis like the
-    # kernel axis it stands for (rank: replicated). Optional; inferred from shapes if absent.
     AXES: ClassVar[dict[str, tuple[str, ...]]] = {}
     layout: KernelLayout
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
-        """The canonical ``(A, B, scale, col_scale)`` of this adapter."""
-        raise TypeError(f"{type(self).__name__} must define factors()")
+    @abc.abstractmethod
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        """The canonical ``(A, B, scale, col_scale)`` of this adapter on base kernel ``w``.
 
-    def kernel_factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
-        """The canonical factors for base kernel ``w``.
-
-        Only methods whose update depends on the base kernel's values (DoRA's column scale
-        is ``m / ||W + ΔW||``) override this; for the others it is :meth:`factors`.
+        Args:
+          w: The base kernel (or, where a method ignores its values, anything of its
+            shape and dtype).
+          shared: The adapters tree's shared state (:func:`shared_state`).
         """
-        del w
-        return self.factors(shared)
 
-    def delta(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array:
+    def delta(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
         """``scale * A@B`` laid out like the kernel (``col_scale`` not applied)."""
-        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
+        f = self.factors(w, shared)
         lay = self.layout
         ns, ni, no = len(lay.stack_axes), len(lay.in_axes), len(lay.out_axes)
         letters = iter(string.ascii_letters)
@@ -115,10 +116,9 @@ class Adapter:
             inverse[ax] = pos
         return f.scale * jnp.transpose(d, inverse)
 
-    def col_scale(self, shared: dict[str, Any], w: jax.Array | None = None) -> jax.Array | None:
+    def col_scale(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array | None:
         """``col_scale`` broadcast to the kernel's axes, or ``None``."""
-        f = self.factors(shared) if w is None else self.kernel_factors(w, shared)
-        c = f.col_scale
+        c = self.factors(w, shared).col_scale
         if c is None:
             return None
         lay = self.layout
@@ -130,18 +130,18 @@ class Adapter:
         return jnp.transpose(c, perm).reshape(shape)
 
     def merge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        out = w + self.delta(shared, w).astype(w.dtype)
-        c = self.col_scale(shared, w)
+        out = w + self.delta(w, shared).astype(w.dtype)
+        c = self.col_scale(w, shared)
         return out if c is None else (out * c).astype(w.dtype)
 
     def unmerge_kernel(self, w: jax.Array, shared: dict[str, Any]) -> jax.Array:
-        if self.kernel_factors(w, shared).col_scale is not None:
+        if self.factors(w, shared).col_scale is not None:
             raise ValueError(
                 f"{type(self).__name__} at {self.layout.path!r} rescales columns with a "
                 "magnitude that depends on the unmerged kernel; it cannot be unmerged from "
                 "the merged weights alone"
             )
-        return w - self.delta(shared).astype(w.dtype)
+        return w - self.delta(w, shared).astype(w.dtype)
 
 
 class SharedState:
@@ -412,11 +412,34 @@ class Method(NamedTuple):
 
     ``init(key, params)`` reads only shapes and dtypes of ``params`` (it works under
     ``jax.eval_shape`` and ``jax.jit(..., out_shardings=...)``) and returns the adapters
-    tree.
+    tree. Use :meth:`prepare` to start training: it also returns the base to train with.
     """
 
     name: str
+    """The method's name (recorded in checkpoints)."""
     init: Any
+    """``init(key, params) -> adapters``."""
+    replaces_base: bool = False
+    """Whether the adapters take over part of the base, so that training must start from
+    the residual ``unmerge(params, adapters)`` (PiSSA)."""
+
+    def prepare(self, key: jax.Array, params: Any) -> tuple[Any, dict[str, Any]]:
+        """``(base, adapters)`` to train with; ``merge(base, adapters)`` equals ``params``.
+
+        For most methods ``base`` is ``params``; for one that moves part of each kernel into
+        its adapter (PiSSA) it is the residual. ``init`` alone does not give it.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp, jaxlora as jl
+          >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+          >>> method = jl.lora(rank=2, targets=".*kernel", init="pissa")
+          >>> base, adapters = method.prepare(jax.random.key(1), params)
+          >>> back = jl.merge(base, adapters)["dense"]["kernel"]
+          >>> bool(jnp.allclose(back, params["dense"]["kernel"], atol=1e-5))
+          True
+        """
+        adapters = self.init(key, params)
+        return (unmerge(params, adapters) if self.replaces_base else params), adapters
 
 
 def compose(*methods: Method) -> Method:
@@ -457,7 +480,8 @@ def compose(*methods: Method) -> Method:
             _deep_update(out, tree)
         return out
 
-    return Method("+".join(m.name for m in methods), init)
+    replaces = any(m.replaces_base for m in methods)
+    return Method("+".join(m.name for m in methods), init, replaces)
 
 
 def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:

@@ -91,7 +91,8 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
 def put(tree: Any, shardings: Any) -> Any:
     """Turns host values that every process holds alike into global sharded arrays.
 
-    Each process copies only the shards its own devices hold, so this also works when the
+    Each process copies only the shards its own devices hold (the result never shares
+    memory with ``tree``, so it may be donated), so this also works when the
     sharding spans devices of several processes (where ``jax.device_put`` of one process's
     array cannot). For large weights, prefer initialising or loading straight into shards.
 
@@ -112,7 +113,11 @@ def put(tree: Any, shardings: Any) -> Any:
 
     def one(sharding, x):
         host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        # a copy per shard: the global array must not share memory with ``x`` (on CPU a
+        # device buffer can alias host memory), since train steps donate their inputs
+        return jax.make_array_from_callback(
+            host.shape, sharding, lambda index: np.array(host[index], copy=True)
+        )
 
     return jax.tree_util.tree_map(
         one, shardings, tree, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)

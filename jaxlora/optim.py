@@ -6,18 +6,24 @@ label) into an ``optax.multi_transform`` over those labels in which ``"frozen"``
 ``optax.set_to_zero()``: frozen arrays (LoRA-FA's A, VeRA's shared matrices) get no
 optimizer state and never move. The label tree is computed from the adapters passed to
 ``init``/``update``, so the transform can be built before any adapter exists.
+
+Every optimizer updates the adapters tree only. One that also moves the frozen base
+(Delta-LoRA) is a :class:`BaseMoving` transformation: an optax transformation over the
+adapters plus a ``move_base`` rule, which :func:`move_base` applies (and which is the
+identity for every other optimizer). That is what gives every method one train step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 from jaxlora.adapters import FROZEN, labels
 
-__all__ = ["optimizer"]
+__all__ = ["BaseMoving", "move_base", "optimizer"]
 
 _TRAINABLE = "trainable"
 
@@ -77,3 +83,32 @@ def optimizer(
         return jax.tree_util.tree_map(relabel, labels(adapters))
 
     return optax.multi_transform(transforms, label_fn)
+
+
+class BaseMoving(NamedTuple):
+    """An optax transformation over the adapters that also moves the base params.
+
+    ``init`` and ``update`` are those of an ``optax.GradientTransformation`` over the
+    adapters tree; ``move_base(params, adapters, new_adapters, state) -> params`` is called
+    after each update with the state *before* it, and must not need a gradient or state
+    for the base.
+    """
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    move_base: Callable[[Any, Any, Any, Any], Any]
+
+
+def move_base(tx: Any, params: Any, adapters: Any, new_adapters: Any, state: Any) -> Any:
+    """The base params after an update of ``adapters`` to ``new_adapters`` by ``tx``.
+
+    ``params`` themselves (the same object) unless ``tx`` is :class:`BaseMoving`.
+
+    Examples:
+      >>> import optax
+      >>> params = {"w": 1.0}
+      >>> move_base(optax.sgd(0.1), params, {}, {}, None) is params
+      True
+    """
+    rule = getattr(tx, "move_base", None)
+    return params if rule is None else rule(params, adapters, new_adapters, state)

@@ -4,12 +4,14 @@
 ``loss_fn(params, batch)`` is written for ordinary (merged) parameters. The step runs it
 through :func:`jaxlora.adapt`, takes the gradient with respect to the *trainable* adapter
 arrays only (frozen ones are closed over, so their gradients are never computed), applies
-``tx`` and donates the adapter and optimizer buffers. ``params`` is a frozen input: it gets
-no gradient and no optimizer state.
+``tx`` and donates the buffers. ``params`` is a frozen input: it gets no gradient and no
+optimizer state.
 
-With ``update_params=True`` (Delta-LoRA) the step also returns new base params: ``tx``
-then updates the pair ``(params, adapters)``; it is handed ``None`` as the base gradient,
-which is never computed, and its base updates are applied to ``params``.
+Every method has the same step, ``(params, adapters, opt_state, batch) -> (params, adapters,
+opt_state, metrics)``. The params come back as :func:`jaxlora.optim.move_base` leaves them:
+moved by an optimizer that moves the base (Delta-LoRA), unchanged otherwise. They are
+donated, so an unchanged leaf is the same buffer going out as coming in (XLA aliases the
+output to the donated input: no copy), and the caller simply rebinds them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import optax
 
 from jaxlora.adapt import adapt
 from jaxlora.adapters import FROZEN, labels
+from jaxlora.optim import move_base
 
 __all__ = ["train_step"]
 
@@ -53,25 +56,22 @@ def train_step(
     strict: bool = False,
     donate: bool = True,
     jit: bool = True,
-    update_params: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
-    """Builds ``step(params, adapters, opt_state, batch) -> (adapters, opt_state, metrics)``.
+) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
+    """Builds ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state,
+    metrics)``, the one train step of every method.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux_dict)`` with
         ``has_aux``), written for plain parameters.
-      tx: The optimizer, usually ``jaxlora.optimizer(optax.adamw(...))`` so that frozen
-        arrays hold no state; ``opt_state = tx.init(adapters)``.
+      tx: The optimizer over the adapters, usually ``jaxlora.optimizer(optax.adamw(...))``
+        so that frozen arrays hold no state; ``opt_state = tx.init(adapters)``. One that
+        also moves the base (:func:`jaxlora.delta_lora`) moves it here.
       has_aux: Whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` (a dict) is merged into
         the metrics.
       strict: Passed to :func:`jaxlora.adapt`: raise rather than merge a kernel.
-      donate: Donate the adapters and optimizer state buffers to the step.
+      donate: Donate the params, adapters and optimizer state buffers to the step (use the
+        returned ones).
       jit: Return the step jitted (the default) or as a plain function to compose.
-      update_params: For transforms that also move the base (:func:`jaxlora.delta_lora`):
-        the step is ``step(params, adapters, opt_state, batch) -> (params, adapters,
-        opt_state, metrics)``, ``tx`` is initialised with ``tx.init((params, adapters))``
-        and updated with ``tx.update((None, adapter_grads), opt_state, (params,
-        adapters))``; ``params`` is donated too. The base still gets no gradient.
 
     Returns:
       The step function. ``metrics`` holds ``loss`` and ``grad_norm`` (of trainable arrays).
@@ -82,10 +82,10 @@ def train_step(
       >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["dense"]["kernel"] - b["y"]) ** 2)
       >>> adapters = jl.lora(rank=2, targets=".*kernel").init(jax.random.key(0), params)
       >>> tx = jl.optimizer(optax.sgd(0.1))
-      >>> step = jl.train_step(loss_fn, tx, donate=False)
+      >>> step = jl.train_step(loss_fn, tx)
       >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros((8, 4))}
-      >>> adapters, opt_state, m0 = step(params, adapters, tx.init(adapters), batch)
-      >>> adapters, opt_state, m1 = step(params, adapters, opt_state, batch)
+      >>> params, adapters, opt_state, m0 = step(params, adapters, tx.init(adapters), batch)
+      >>> params, adapters, opt_state, m1 = step(params, adapters, opt_state, batch)
       >>> float(m0["loss"]), bool(m1["loss"] < m0["loss"])  # B starts at 0: base loss first
       (1.0, True)
     """
@@ -105,20 +105,13 @@ def train_step(
         # frozen arrays get zeros here only to satisfy optax's tree structure; set_to_zero
         # discards them and XLA removes the dead zeros
         full = join_trainable(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
-        if update_params:
-            (param_updates, updates), opt_state = tx.update(
-                (None, full), opt_state, (params, adapters)
-            )
-        else:
-            updates, opt_state = tx.update(full, opt_state, adapters)
+        updates, new_state = tx.update(full, opt_state, adapters)
         upd_tr, _ = split_trainable(updates, adapters)
         new = join_trainable(optax.apply_updates(trainable, upd_tr), frozen)
+        params = move_base(tx, params, adapters, new, opt_state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        if update_params:
-            return optax.apply_updates(params, param_updates), new, opt_state, metrics
-        return new, opt_state, metrics
+        return params, new, new_state, metrics
 
     if not jit:
         return step
-    donated = ((0, 1, 2) if update_params else (1, 2)) if donate else ()
-    return jax.jit(step, donate_argnums=donated)
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())

@@ -157,17 +157,13 @@ def _input_only(s: Setup) -> Runner:
 
 
 def _method(s: Setup, name: str, label: str, kw: dict[str, Any]) -> Runner:
-    spec = jl.method(name, **kw)
-    base, adapters = spec.prepare(
-        jax.random.key(2), s.fresh_params() if spec.update_params else s.params()
-    )
-    tx = spec.optimizer(optax.adamw, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    state = [base, adapters, spec.init_optimizer(tx, base, adapters), {"ids": s.ids}]
-    jitted = jl.train_step(s.loss, tx, update_params=spec.update_params)
-    if spec.update_params:  # -> (params, adapters, opt_state, metrics)
-        thread = lambda st, o: ([o[0], o[1], o[2], st[3]], o[3]["loss"])
-    else:  # -> (adapters, opt_state, metrics)
-        thread = lambda st, o: ([st[0], o[0], o[1], st[3]], o[2]["loss"])
+    recipe = jl.recipe(name, **kw)
+    # the step donates the base (and Delta-LoRA moves it): every runner gets its own copy
+    base, adapters = recipe.prepare(jax.random.key(2), s.fresh_params())
+    tx = recipe.optimizer(optax.adamw, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    state = [base, adapters, tx.init(adapters), {"ids": s.ids}]
+    jitted = jl.train_step(s.loss, tx)  # -> (params, adapters, opt_state, metrics)
+    thread = lambda st, o: ([o[0], o[1], o[2], st[3]], o[3]["loss"])
     return _jax_runner(label, jitted, state, thread, jl.num_trainable(adapters))
 
 

@@ -89,11 +89,11 @@ def compare(
     rows = [dict(method="full", trainable=n_params, expected=n_params, cost=cost)]
     for name in names:
         mkw = method_kwargs(name, **kw)
-        spec = jl.method(name, **mkw)
-        base, adapters = spec.prepare(jax.random.key(2), params)
-        tx = spec.optimizer(optax.adam, learning_rate=1e-4)
-        step = jl.train_step(loss, tx, update_params=spec.update_params)
-        state = spec.init_optimizer(tx, base, adapters)
+        recipe = jl.recipe(name, **mkw)
+        base, adapters = recipe.prepare(jax.random.key(2), params)
+        tx = recipe.optimizer(optax.adam, learning_rate=1e-4)
+        step = jl.train_step(loss, tx)
+        state = tx.init(adapters)
         rows.append(
             dict(
                 method=name,

@@ -77,7 +77,7 @@ def main() -> None:
     batch = distributed.put(ids, bsh)
     losses = []
     for _ in range(args.steps):
-        adapters, state, metrics = step(params, adapters, state, batch)
+        params, adapters, state, metrics = step(params, adapters, state, batch)
         losses.append(float(metrics["loss"]))
 
     host = distributed.to_host(adapters)

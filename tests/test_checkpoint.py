@@ -76,9 +76,9 @@ def train(spec, tx, step_fn, params, adapters, opt_state, rng, position, steps):
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_exact_resume(tmp_path, name):
-    spec = jl.method(name, **SPECS[name])
+    spec = jl.recipe(name, **SPECS[name])
     tx = spec.optimizer(optax.adamw, learning_rate=0.05)
-    step_fn = spec.train_step(loss_fn, tx)
+    step_fn = jl.train_step(loss_fn, tx)
 
     def key():
         # a new key each time: VeRA's init keeps the key's buffer, which the step donates
@@ -87,7 +87,7 @@ def test_exact_resume(tmp_path, name):
     def fresh():
         params, adapters = spec.prepare(key(), PARAMS)
         params = jax.tree_util.tree_map(jnp.copy, params)  # the step donates the base
-        return params, adapters, spec.init_optimizer(tx, params, adapters)
+        return params, adapters, tx.init(adapters)
 
     n, k = 6, 3
     p, a, s = fresh()
@@ -95,18 +95,16 @@ def test_exact_resume(tmp_path, name):
 
     p, a, s = fresh()
     p, a, s, rng, pos = train(spec, tx, step_fn, p, a, s, jax.random.key(7), 0, k)
-    moves_base = spec.update_params
-    with CheckpointManager(tmp_path, method=spec.adapters) as mgr:
-        mgr.save(
-            k, adapters=a, opt_state=s, rng=rng, data_position=pos, base=p if moves_base else None
-        )
+    moves_base = spec.moves_base
+    with CheckpointManager(tmp_path, method=spec.method, store_base=moves_base) as mgr:
+        mgr.save(k, adapters=a, opt_state=s, rng=rng, data_position=pos, base=p)
     del p, a, s, rng
 
     # a new process would start from here: the base as loaded, abstract targets
     base = jax.tree_util.tree_map(jnp.copy, spec.prepare(key(), PARAMS)[0])
     target = jax.eval_shape(spec.init, key(), PARAMS)
-    opt_target = jax.eval_shape(lambda: spec.init_optimizer(tx, base, target))
-    with CheckpointManager(tmp_path, method=spec.adapters) as mgr:
+    opt_target = jax.eval_shape(tx.init, target)
+    with CheckpointManager(tmp_path, method=spec.method) as mgr:
         st = mgr.restore(adapters=target, opt_state=opt_target, base=base)
     assert st.step == k and st.data_position == 4 * k
     resumed = train(

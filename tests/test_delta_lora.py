@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jaxlora as jl
-from jaxlora.delta_lora import DeltaLoraState
+from jaxlora.methods.delta_lora import DeltaLoraState
 
 PARAMS = {
     "q": {"kernel": jax.random.normal(jax.random.key(0), (6, 4)) * 0.5},
@@ -40,9 +40,9 @@ def _adapters():
 
 def _run(scale_delta=False):
     tx = jl.delta_lora(jl.optimizer(optax.sgd(LR)), lam=LAM, start_step=K, scale_delta=scale_delta)
-    step = jl.train_step(_loss, tx, update_params=True, donate=False)
+    step = jl.train_step(_loss, tx, donate=False)  # the one step every method uses
     params, ad = PARAMS, _adapters()
-    state = tx.init((params, ad))
+    state = tx.init(ad)
     history = [(params, ad)]
     for _ in range(STEPS):
         params, ad, state, _ = step(params, ad, state, BATCH)
@@ -97,27 +97,22 @@ def test_no_optimizer_state_for_the_base():
     assert isinstance(state, DeltaLoraState) and int(state.count) == STEPS
     adam = jl.optimizer(optax.adam(1e-3))
     ad = _adapters()
-    ours = jl.delta_lora(adam, lam=LAM, start_step=0).init((PARAMS, ad))
+    ours = jl.delta_lora(adam, lam=LAM, start_step=0).init(ad)
     inner = adam.init(ad)
     assert jax.tree_util.tree_structure(ours.inner_state) == jax.tree_util.tree_structure(inner)
     n = sum(x.size for x in jax.tree_util.tree_leaves(ours))
     assert n == sum(x.size for x in jax.tree_util.tree_leaves(inner)) + 1  # + count
 
 
-def test_without_base_params_is_a_clear_error():
+def test_bad_wiring_is_a_clear_error():
     tx = jl.delta_lora(jl.optimizer(optax.sgd(LR)), lam=LAM, start_step=0)
     ad = _adapters()
-    with pytest.raises(ValueError, match=r"pair \(params, adapters\).*got dict"):
-        tx.init(ad)
-    state = tx.init((PARAMS, ad))
-    grads = jax.tree_util.tree_map(jnp.zeros_like, ad)
-    with pytest.raises(ValueError, match=r"pair \(params, adapters\).*got None"):
-        tx.update((None, grads), state, None)
-    # the plain train step hands the optimizer the adapters alone
-    with pytest.raises(ValueError, match="update_params=True"):
-        jl.train_step(_loss, tx, donate=False)(PARAMS, ad, state, BATCH)
+    # the optimizer is over the adapters alone (the old pair convention is refused)
+    with pytest.raises(TypeError, match="adapters must be the dict returned by a method"):
+        tx.init((PARAMS, ad))
+    state = tx.init(ad)
     with pytest.raises(ValueError, match=r"params lack the targeted kernels \['q/kernel'\]"):
-        tx.update((None, grads), state, ({"s": PARAMS["s"]}, ad))
+        tx.move_base({"s": PARAMS["s"]}, ad, ad, state)
 
 
 def test_bad_hyper_parameters_and_dora():
@@ -125,6 +120,5 @@ def test_bad_hyper_parameters_and_dora():
         jl.delta_lora(optax.sgd(0.1), lam=0.5, start_step=-1)
     ad = jl.dora(rank=2, targets=TARGETS).init(jax.random.key(0), PARAMS)
     tx = jl.delta_lora(jl.optimizer(optax.sgd(LR)), lam=LAM, start_step=0)
-    grads = jax.tree_util.tree_map(jnp.zeros_like, ad)
     with pytest.raises(ValueError, match="rescales columns"):
-        tx.update((None, grads), tx.init((PARAMS, ad)), (PARAMS, ad))
+        tx.move_base(PARAMS, ad, ad, tx.init(ad))

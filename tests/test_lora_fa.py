@@ -52,7 +52,7 @@ def test_sgd_step_moves_b_by_the_merged_gradient_and_never_a():
     state = tx.init(fa)
     assert all(x.size <= 1 for x in jax.tree_util.tree_leaves(state))  # sgd: no state at all
     step = jl.train_step(_loss, tx, donate=False)
-    new, _, _ = step(PARAMS, fa, state, BATCH)
+    _, new, _, _ = step(PARAMS, fa, state, BATCH)
     grads = jax.grad(lambda a: _loss(jl.merge(PARAMS, a), BATCH))(fa)
     for path in ("q", "s"):
         old_n, new_n, g = fa[path]["kernel"], new[path]["kernel"], grads[path]["kernel"]

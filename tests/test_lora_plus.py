@@ -36,7 +36,7 @@ def _step(tx, ad, state=None):
 def test_sgd_step(ratio):
     ad, g = _setup()
     lr = 0.1
-    new, _, _ = _step(jl.lora_plus(optax.sgd, learning_rate=lr, ratio=ratio), ad)
+    _, new, _, _ = _step(jl.lora_plus(optax.sgd, learning_rate=lr, ratio=ratio), ad)
     node, gn, nn = ad["q"]["kernel"], g["q"]["kernel"], new["q"]["kernel"]
     np.testing.assert_allclose(nn.a, node.a - lr * gn.a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(nn.b, node.b - ratio * lr * gn.b, rtol=1e-5, atol=1e-6)
@@ -46,7 +46,7 @@ def test_adam_step_with_weight_decay():
     ad, g = _setup()
     lr, wd, eps = 1e-3, 0.1, 1e-8
     tx = jl.lora_plus(optax.adamw, learning_rate=lr, ratio=16, weight_decay=wd, eps=eps)
-    new, _, _ = _step(tx, ad)
+    _, new, _, _ = _step(tx, ad)
     node, gn, nn = ad["q"]["kernel"], g["q"]["kernel"], new["q"]["kernel"]
     # first Adam step: m̂ = g, v̂ = g², so the direction is g / (|g| + eps); AdamW adds wd·x
     for x, gx, got, rate in ((node.a, gn.a, nn.a, lr), (node.b, gn.b, nn.b, 16 * lr)):
@@ -61,7 +61,7 @@ def test_schedule_is_scaled_every_step():
     state = tx.init(ad)
     for count in range(3):
         g = jax.grad(lambda a, ad=ad: _loss(jl.merge(PARAMS, a), BATCH))(ad)
-        new, state, _ = _step(tx, ad, state)
+        _, new, state, _ = _step(tx, ad, state)
         lr = float(schedule(count))
         np.testing.assert_allclose(
             new["q"]["kernel"].a,
@@ -83,10 +83,10 @@ def test_frozen_and_other_labels():
     ad, g = _setup(jl.lora_fa)
     tx = jl.lora_plus(optax.adam, learning_rate=1e-3)
     assert sum(x.size for x in jax.tree_util.tree_leaves(tx.init(ad))) == 2 * (2 * 4) + 2
-    new, _, _ = _step(tx, ad)
+    _, new, _, _ = _step(tx, ad)
     np.testing.assert_array_equal(new["q"]["kernel"].a, ad["q"]["kernel"].a)
     ad, g = _setup(jl.dora)
-    new, _, _ = _step(jl.lora_plus(optax.sgd, learning_rate=0.1, ratio=8), ad)
+    _, new, _, _ = _step(jl.lora_plus(optax.sgd, learning_rate=0.1, ratio=8), ad)
     np.testing.assert_allclose(
         new["q"]["kernel"].m, ad["q"]["kernel"].m - 0.1 * g["q"]["kernel"].m, rtol=1e-5, atol=1e-7
     )
@@ -97,4 +97,4 @@ def test_non_positive_ratio_is_an_error(ratio):
     with pytest.raises(ValueError, match=f"ratio must be > 0, got ratio={ratio!r}"):
         jl.lora_plus(optax.adamw, ratio=ratio)
     with pytest.raises(ValueError, match="ratio must be > 0"):
-        jl.method("lora_plus", ratio=ratio)
+        jl.recipe("lora_plus", ratio=ratio)

@@ -113,19 +113,19 @@ def assert_adapted_equals_merged(params, adapters):
 def run(request):
     """One method trained for 3 steps; everything the checks below need."""
     name = request.param
-    spec = jl.method(name, targets=TARGETS, **KWARGS[name])
-    base, init_adapters = spec.prepare(jax.random.key(1), PARAMS)
+    recipe = jl.recipe(name, targets=TARGETS, **KWARGS[name])
+    base, init_adapters = recipe.prepare(jax.random.key(1), PARAMS)
     adapters = perturb(init_adapters, jax.random.key(2))
-    tx = spec.optimizer(optax.adam, learning_rate=1e-2)
-    step = spec.train_step(loss_fn, tx, donate=False)
-    state = spec.init_optimizer(tx, base, adapters)
+    tx = recipe.optimizer(optax.adam, learning_rate=1e-2)
+    step = jl.train_step(loss_fn, tx, donate=False)  # one step for every method
+    state = tx.init(adapters)
     p, a, losses = base, adapters, []
     for _ in range(3):
         p, a, state, metrics = step(p, a, state, BATCH)
         losses.append(float(metrics["loss"]))
     return dict(
         name=name,
-        spec=spec,
+        recipe=recipe,
         base=base,
         init_adapters=init_adapters,
         adapters=adapters,
@@ -179,11 +179,11 @@ def test_base_moves_only_for_delta_lora(run):
 
 def test_unknown_method_and_hyper_parameter():
     with pytest.raises(ValueError, match=r"unknown method 'loha'.*'vera'"):
-        jl.method("loha")
+        jl.recipe("loha")
     with pytest.raises(TypeError, match="lam"):
-        jl.method("delta_lora", rank=4, start_step=0)
+        jl.recipe("delta_lora", rank=4, start_step=0)
     with pytest.raises(TypeError, match="ratio"):
-        jl.method("lora", ratio=4)
+        jl.recipe("lora", ratio=4)
 
 
 # ----------------------------------------------------------------------------- method table
@@ -225,8 +225,8 @@ def test_llama_takes_the_fast_path_for_every_factor_form():
         params = jax.eval_shape(lambda k, c=config: llama.init_params(k, c), jax.random.key(0))
         ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
         for name in ("lora", "vera", "dora"):
-            spec = jl.method(name, **compare_methods.method_kwargs(name, vera_rank=8))
-            adapters = jax.eval_shape(spec.init, jax.random.key(1), params)
+            recipe = jl.recipe(name, **compare_methods.method_kwargs(name, vera_rank=8))
+            adapters = jax.eval_shape(recipe.init, jax.random.key(1), params)
             report = jl.adapt_report(
                 lambda p, i, c=config: llama.apply(p, i, config=c), params, adapters, ids
             )

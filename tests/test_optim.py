@@ -29,7 +29,7 @@ class _FrozenA(Adapter):
     a: Any
     b: Any
 
-    def factors(self, shared):
+    def factors(self, w, shared):
         return Factors(self.a, self.b, 1.0)
 
 

@@ -25,7 +25,7 @@ def _top(w, r):  # numpy oracle: the best rank-r approximation
 def pissa():
     method = jl.lora(rank=3, alpha=6.0, targets=TARGETS, init="pissa")
     assert method.name == "pissa"
-    return jl.pissa(jax.random.key(3), PARAMS, method)
+    return method.prepare(jax.random.key(3), PARAMS)
 
 
 def test_merge_of_residual_and_adapters_is_the_original(pissa):
@@ -56,8 +56,9 @@ def test_adapter_is_the_top_r_svd_part(pissa):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match=r"needs a method built with.*got method 'lora'"):
-        jl.pissa(jax.random.key(0), PARAMS, jl.lora(rank=2, targets=TARGETS))
+    # the one entry point: a plain LoRA's prepare keeps the base, PiSSA's init alone is no base
+    base, _ = jl.lora(rank=2, targets=TARGETS).prepare(jax.random.key(0), PARAMS)
+    assert base is PARAMS
     with pytest.raises(ValueError, match="alpha > 0, got alpha=0"):
         jl.lora(rank=2, alpha=0, init="pissa")
     with pytest.raises(ValueError, match="init must be 'kaiming' or 'pissa', got 'svd'"):

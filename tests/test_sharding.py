@@ -144,7 +144,7 @@ class _ThirdParty(Adapter):
     scale_out: Any
     gate: Any
 
-    def factors(self, shared):
+    def factors(self, w, shared):
         return Factors(self.a, self.b, 1.0, self.scale_out)
 
 

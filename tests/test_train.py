@@ -34,7 +34,8 @@ def test_sgd_step_equals_hand_computed_step_on_merged_gradient():
     expect = jax.tree_util.tree_map(lambda a, g: a - lr * g, ad, expect_grads)
     tx = jl.optimizer(optax.sgd(lr))
     step = jl.train_step(_loss, tx, donate=False)
-    new, _, metrics = step(PARAMS, ad, tx.init(ad), BATCH)
+    params, new, _, metrics = step(PARAMS, ad, tx.init(ad), BATCH)
+    chex.assert_trees_all_equal(params, PARAMS)  # nothing moves the base
     chex.assert_trees_all_close(new, expect, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], _loss(jl.merge(PARAMS, ad), BATCH), rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(expect_grads), rtol=1e-5)
@@ -44,7 +45,7 @@ def test_frozen_arrays_unchanged_and_not_differentiated():
     ad = randomize(_frozen_a_adapters(), jax.random.key(1))
     tx = jl.optimizer(optax.adam(1e-2))
     step = jl.train_step(_loss, tx, donate=False, jit=False)
-    new, _, _ = step(PARAMS, ad, tx.init(ad), BATCH)
+    _, new, _, _ = step(PARAMS, ad, tx.init(ad), BATCH)
     np.testing.assert_array_equal(new["q"]["kernel"].a, ad["q"]["kernel"].a)
     assert not np.allclose(new["q"]["kernel"].b, ad["q"]["kernel"].b)
     # the backward pass never forms a (d_in, r) cotangent for the frozen A of "q"
@@ -70,12 +71,15 @@ def test_step_traces_once_and_donates():
 
     step = jl.train_step(loss, tx)
     state = tx.init(ad)
-    old = ad
+    params = jax.tree_util.tree_map(jnp.copy, PARAMS)  # the step donates the base too
+    old, old_params = ad, params
     losses = []
     for _ in range(4):
-        ad, state, m = step(PARAMS, ad, state, BATCH)
+        params, ad, state, m = step(params, ad, state, BATCH)
         losses.append(float(m["loss"]))
     assert old["q"]["kernel"].a.is_deleted()
+    assert old_params["q"]["kernel"].is_deleted()  # donated through, not copied
+    chex.assert_trees_all_equal(params, PARAMS)
     assert losses[-1] < losses[0]
 
 
@@ -87,5 +91,5 @@ def test_has_aux_metrics():
         v = _loss(p, b)
         return v, {"twice": 2 * v}
 
-    _, _, m = jl.train_step(loss, tx, has_aux=True, donate=False)(PARAMS, ad, tx.init(ad), BATCH)
+    _, _, _, m = jl.train_step(loss, tx, has_aux=True, donate=False)(PARAMS, ad, tx.init(ad), BATCH)
     np.testing.assert_allclose(m["twice"], 2 * m["loss"], rtol=1e-6)

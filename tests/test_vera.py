@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jaxlora as jl
-from jaxlora.vera import restore_shared, strip_shared
+from jaxlora.methods.vera import restore_shared, strip_shared
 
 PARAMS = {
     "q": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))},

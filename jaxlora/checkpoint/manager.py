@@ -178,6 +178,8 @@ class CheckpointManager:
         which must then be concrete, made by ``method.init`` with the run's key (a
         mismatch is refused). That halves a LoRA-FA checkpoint. Shared state is always
         stored compact when its method says that is exact (VeRA: the key only).
+      store_base: Store the targeted base kernels passed to :meth:`save` as ``base`` (set
+        it to ``recipe.moves_base``: only a method that moves the base needs them).
 
     Examples:
       >>> import tempfile, jax, jax.numpy as jnp, jaxlora as jl
@@ -203,6 +205,7 @@ class CheckpointManager:
         async_save: bool = True,
         method: Any = None,
         store_frozen: bool = True,
+        store_base: bool = True,
     ):
         import orbax.checkpoint as ocp
 
@@ -214,6 +217,7 @@ class CheckpointManager:
         self.best_mode = best_mode
         self.method = getattr(method, "name", method)
         self.store_frozen = store_frozen
+        self.store_base = store_base
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         if best_metric is not None:
             policies.append(
@@ -332,8 +336,9 @@ class CheckpointManager:
           opt_state: The optimizer state, or ``None``.
           rng: The run's PRNG key (typed or raw), or ``None``.
           data_position: Where the data stream is, to resume it.
-          base: Only for methods that move the base (Delta-LoRA): the current base params,
-            of which the targeted kernels are stored (in full; see the package docstring).
+          base: The current base params. With ``store_base`` (for methods that move the
+            base, Delta-LoRA) their targeted kernels are stored, in full (see the package
+            docstring); otherwise they are not written, so a loop may pass them always.
           metrics: Scalars recorded with the step; ``best_metric`` must be among them.
 
         Returns:
@@ -360,7 +365,7 @@ class CheckpointManager:
             adapters, frozen = storage.split_frozen(adapters)
             frozen_sha = {path: storage.fingerprint(x) for path, x in frozen.items()}
         trees = {_ADAPTERS: adapters, _OPT_STATE: opt_state}
-        if base is not None:
+        if base is not None and self.store_base:
             trees[_BASE] = _base_kernels(base, adapters)
         meta: dict[str, Any] = {
             "format": FORMAT_VERSION,

@@ -30,7 +30,6 @@ __all__ = [
     "adapter_specs",
     "opt_state_shardings",
     "opt_state_specs",
-    "shapes_of",
 ]
 
 GROUPS = ("stack", "in", "out", "rank")
@@ -65,11 +64,6 @@ def _field_kernel_axes(node: Adapter, field: str, shape: tuple[int, ...]) -> lis
     if not fits:
         raise ShardingError(f"{where} has shape {shape}, which does not fit AXES {groups}")
     return axes
-
-
-def shapes_of(tree: Any) -> Any:
-    """``tree`` as ``jax.ShapeDtypeStruct`` leaves (shapes and dtypes only)."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _node_specs(node: Adapter, kernel_spec: P) -> Any:
@@ -205,8 +199,8 @@ def opt_state_specs(
       opt_state: The state or its shapes (``jax.eval_shape(tx.init, adapters)``).
       adapters: The adapters tree the state belongs to (arrays or shapes).
       adapter_specs: :func:`adapter_specs` of ``adapters``.
-      params: For optimizers over ``(params, adapters)`` (Delta-LoRA): the base params,
-        whose state (if any) follows ``param_specs``.
+      params: For an optimizer with state for (some of) the base params too, e.g. one over
+        ``(params, adapters)``: the base params, whose state follows ``param_specs``.
       param_specs: The base params' specs.
 
     Returns:
@@ -250,12 +244,7 @@ def opt_state_specs(
 
 
 def opt_state_shardings(
-    tx: optax.GradientTransformation,
-    adapters: Any,
-    adapter_shardings: Any,
-    *,
-    params: Any = None,
-    param_shardings: Any = None,
+    tx: optax.GradientTransformation, adapters: Any, adapter_shardings: Any
 ) -> Any:
     """The ``NamedSharding`` of every array of ``tx.init(adapters)``, following the adapters.
 
@@ -263,9 +252,6 @@ def opt_state_shardings(
       tx: The optimizer.
       adapters: The adapters (arrays or shapes).
       adapter_shardings: From :func:`adapter_shardings`.
-      params: Set for optimizers over ``(params, adapters)`` (Delta-LoRA): the state is
-        then ``tx.init((params, adapters))``.
-      param_shardings: The base params' shardings (with ``params``).
 
     Returns:
       A tree like the optimizer state, of ``NamedSharding``.
@@ -283,9 +269,5 @@ def opt_state_shardings(
       5
     """
     mesh = jax.tree_util.tree_leaves(adapter_shardings)[0].mesh
-    target = adapters if params is None else (shapes_of(params), adapters)
-    abstract = jax.eval_shape(tx.init, target)
-    specs = opt_state_specs(
-        abstract, adapters, adapter_shardings, params=params, param_specs=param_shardings
-    )
-    return named(mesh, specs)
+    abstract = jax.eval_shape(tx.init, adapters)
+    return named(mesh, opt_state_specs(abstract, adapters, adapter_shardings))

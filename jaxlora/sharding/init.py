@@ -15,9 +15,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlora.sharding.adapters import adapter_shardings, opt_state_shardings, shapes_of
+from jaxlora.sharding.adapters import adapter_shardings, opt_state_shardings
 
 __all__ = ["init_adapters", "init_opt_state"]
+
+
+def _shapes_of(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def init_adapters(method: Any, key: jax.Array, params: Any, param_shardings: Any) -> Any:
@@ -47,7 +51,7 @@ def init_adapters(method: Any, key: jax.Array, params: Any, param_shardings: Any
       >>> ad["up"]["kernel"].a.sharding.spec
       P(None, None)
     """
-    shapes = shapes_of(params)
+    shapes = _shapes_of(params)
     abstract = jax.eval_shape(method.init, key, shapes)
     out = adapter_shardings(abstract, param_shardings)
     mesh = jax.tree_util.tree_leaves(out)[0].mesh
@@ -67,18 +71,8 @@ def init_adapters(method: Any, key: jax.Array, params: Any, param_shardings: Any
     return fn(bits, params if concrete else None)
 
 
-def init_opt_state(
-    tx: optax.GradientTransformation,
-    adapters: Any,
-    adapter_shardings: Any,
-    *,
-    params: Any = None,
-    param_shardings: Any = None,
-) -> Any:
+def init_opt_state(tx: optax.GradientTransformation, adapters: Any, adapter_shardings: Any) -> Any:
     """``tx.init(adapters)`` computed directly into shards that follow the adapters.
-
-    With ``params`` and ``param_shardings`` (optimizers that also move the base, such as
-    Delta-LoRA) it is ``tx.init((params, adapters))``.
 
     Examples:
       >>> from jaxlora.sharding import (
@@ -90,13 +84,5 @@ def init_opt_state(
       ...                    params, psh)
       >>> state = init_opt_state(jl.optimizer(optax.sgd(0.1)), ad, adapter_shardings(ad, psh))
     """
-    out = opt_state_shardings(
-        tx, adapters, adapter_shardings, params=params, param_shardings=param_shardings
-    )
-    if params is None:
-        return jax.jit(tx.init, in_shardings=(adapter_shardings,), out_shardings=out)(adapters)
-    return jax.jit(
-        lambda p, a: tx.init((p, a)),
-        in_shardings=(param_shardings, adapter_shardings),
-        out_shardings=out,
-    )(params, adapters)
+    out = opt_state_shardings(tx, adapters, adapter_shardings)
+    return jax.jit(tx.init, in_shardings=(adapter_shardings,), out_shardings=out)(adapters)

@@ -153,14 +153,13 @@ def sharded_train_step(
     strict: bool = False,
     donate: bool = True,
     gather: Sequence[str] = ("fsdp",),
-    update_params: bool = False,
     per_layer: bool = True,
-) -> Callable[..., tuple[Any, ...]]:
+) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
     """:func:`jaxlora.train_step` jitted with explicit input/output shardings and donation.
 
-    The step keeps adapters and optimizer state in the shardings they came in with (so
-    they can be donated and the next step reuses the buffers), reads the frozen base
-    params in theirs, and returns replicated metrics.
+    The step keeps params, adapters and optimizer state in the shardings they came in with
+    (so they can be donated and the next step reuses the buffers; unmoved params go
+    through without a copy) and returns replicated metrics.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
@@ -172,7 +171,7 @@ def sharded_train_step(
         :func:`batch_sharding`.
       has_aux: Whether ``loss_fn`` returns ``(loss, aux_dict)``.
       strict: Passed to :func:`jaxlora.adapt`.
-      donate: Donate the adapters and optimizer state buffers.
+      donate: Donate the params, adapters and optimizer state buffers.
       gather: Mesh axes over which the base params are all-gathered where used (FSDP:
         split at rest, whole where used): once at the top of the step, or per layer for
         scanned stacks (``per_layer``). Without it XLA may instead keep the
@@ -183,12 +182,9 @@ def sharded_train_step(
         (see the module docstring); ``False`` gathers them whole at the top, which holds
         every layer's gathered weights at once but does not recompute a layer that the
         model itself does not rematerialise.
-      update_params: For optimizers that also move the base (Delta-LoRA, see
-        :func:`jaxlora.train_step`): the step returns ``(params, adapters, opt_state,
-        metrics)``, params keep their shardings and are donated too.
 
     Returns:
-      ``step(params, adapters, opt_state, batch) -> (adapters, opt_state, metrics)``.
+      ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state, metrics)``.
 
     Examples:
       >>> from jaxlora.sharding import (adapter_shardings, batch_sharding, init_adapters,
@@ -207,7 +203,7 @@ def sharded_train_step(
       ...     param_shardings=psh, adapter_shardings=ash,
       ...     opt_state_shardings=opt_state_shardings(tx, ad, ash),
       ...     batch_sharding=batch_sharding(mesh))
-      >>> ad, state, metrics = step(params, ad, state, jnp.ones((8, 4)))
+      >>> params, ad, state, metrics = step(params, ad, state, jnp.ones((8, 4)))
       >>> float(metrics["loss"])
       1.0
     """
@@ -223,19 +219,14 @@ def sharded_train_step(
             has_aux=has_aux,
             strict=strict,
             jit=False,
-            update_params=update_params,
         )
         with layer_shardings(layers):
             return inner(params, adapters, opt_state, batch)
 
     replicated = NamedSharding(mesh, P())
-    out = (adapter_shardings, opt_state_shardings, replicated)
-    if update_params:
-        out = (param_shardings, *out)
-    donated = ((0, 1, 2) if update_params else (1, 2)) if donate else ()
     return jax.jit(
         step,
         in_shardings=(param_shardings, adapter_shardings, opt_state_shardings, batch_sharding),
-        out_shardings=out,
-        donate_argnums=donated,
+        out_shardings=(param_shardings, adapter_shardings, opt_state_shardings, replicated),
+        donate_argnums=(0, 1, 2) if donate else (),
     )

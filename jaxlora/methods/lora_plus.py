@@ -21,12 +21,20 @@ from typing import Any
 import jax
 import optax
 
+from jaxlora import recipes
 from jaxlora.adapters import FROZEN, labels
+from jaxlora.methods.lora import lora
 
-__all__ = ["lora_plus"]
+__all__ = ["check_ratio", "lora_plus"]
 
 _FAST = "lora_b"
 _BASE = "base"
+
+
+def check_ratio(ratio: float) -> None:
+    """LoRA+'s one rule on its ratio: ``lr_B / lr_A`` must be positive."""
+    if not ratio > 0:
+        raise ValueError(f"lora_plus: ratio must be > 0, got ratio={ratio!r}")
 
 
 def lora_plus(
@@ -68,8 +76,7 @@ def lora_plus(
     References:
       Hayou et al., 2024, https://arxiv.org/abs/2402.12354.
     """
-    if not ratio > 0:
-        raise ValueError(f"lora_plus: ratio must be > 0, got ratio={ratio!r}")
+    check_ratio(ratio)
     if callable(learning_rate):
         schedule = learning_rate
 
@@ -89,3 +96,15 @@ def lora_plus(
         )
 
     return optax.multi_transform(transforms, label_fn)
+
+
+@recipes.register("lora_plus")
+def _recipe(*, ratio: float = 16.0, **kw: Any) -> recipes.Recipe:
+    """LoRA adapters trained by :func:`lora_plus` (the ratio is checked now, not at the
+    first step)."""
+    check_ratio(ratio)
+
+    def build(make, *, learning_rate, **okw):
+        return lora_plus(make, learning_rate=learning_rate, ratio=ratio, **okw)
+
+    return recipes.Recipe("lora_plus", lora(**kw), build)

@@ -24,15 +24,15 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from jaxlora import recipes
 from jaxlora.adapters import Adapter, Factors, Method, register_adapter
-from jaxlora.lora import PEFT_FORMAT, canonical_kernel, init_lora
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike
+from jaxlora.methods.lora import PEFT_FORMAT, canonical_kernel, init_lora, lora_scale
+from jaxlora.targets import KernelLayout, TargetsLike
 
 __all__ = ["DoraAdapter", "column_norm", "dora"]
 
@@ -67,13 +67,7 @@ class DoraAdapter(Adapter):
     b: Any
     m: Any
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
-        raise TypeError(
-            f"DoRA's column scale at {self.layout.path!r} depends on the base kernel: call "
-            "kernel_factors(w, shared) (merge/adapt do)"
-        )
-
-    def kernel_factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
         del shared
         lay = self.layout
         dtype = jnp.promote_types(jnp.result_type(w.dtype, self.a.dtype), jnp.float32)
@@ -134,9 +128,7 @@ def dora(
     References:
       Liu et al., 2024, https://arxiv.org/abs/2402.09353.
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise TargetError(f"rank must be a positive integer, got {rank!r}")
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
 
     def magnitude(layout: KernelLayout, w: jax.Array) -> jax.Array:
         return column_norm(w, layout).astype(dtype)
@@ -151,3 +143,8 @@ def dora(
         m=magnitude,
     )
     return Method("dora", init)
+
+
+@recipes.register("dora")
+def _recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("dora", dora(**kw))

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import recipes
 from jaxlora.adapters import (
     SHARED_KEY,
     Adapter,
@@ -129,7 +130,8 @@ class VeraAdapter(Adapter):
     b: Any
     """``(stack..., out...)``: scales the output columns (``diag(b)``)."""
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        del w  # VeRA's update does not depend on the base kernel's values
         lay = self.layout
         sh = shared.get(NAME)
         if sh is None:
@@ -140,7 +142,7 @@ class VeraAdapter(Adapter):
         if sh.stripped:
             raise ValueError(
                 "VeRA's shared matrices were stripped (strip_shared); regenerate them with "
-                "jaxlora.vera.restore_shared(adapters) first"
+                "jaxlora.methods.vera.restore_shared(adapters) first"
             )
         if self.rank > sh.rank:
             raise ValueError(
@@ -274,7 +276,7 @@ def strip_shared(adapters: dict[str, Any]) -> dict[str, Any]:
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlora as jl
-      >>> from jaxlora.vera import restore_shared, strip_shared
+      >>> from jaxlora.methods.vera import restore_shared, strip_shared
       >>> params = {"q": {"kernel": jnp.ones((8, 16))}}
       >>> adapters = jl.vera(rank=4, targets=".*kernel").init(jax.random.key(0), params)
       >>> small = strip_shared(adapters)
@@ -324,7 +326,7 @@ class VeraPeftFormat:
         if shared is None or shared.stripped:
             raise ValueError(
                 "export_peft: VeRA needs its shared matrices; pass the full tree (or "
-                "jaxlora.vera.restore_shared(adapters))"
+                "jaxlora.methods.vera.restore_shared(adapters))"
             )
         tensors: dict[str, Any] = {
             "base_model.vera_A": np.asarray(shared.a).T,
@@ -399,3 +401,8 @@ class VeraPeftFormat:
 
 
 PEFT_FORMAT = peft.register_format(VeraPeftFormat())
+
+
+@recipes.register("vera")
+def _recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("vera", vera(**kw))

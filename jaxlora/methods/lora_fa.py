@@ -14,14 +14,14 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from jaxlora import recipes
 from jaxlora.adapters import FROZEN, Method, register_adapter
-from jaxlora.lora import LoraAdapter, init_lora
-from jaxlora.targets import TargetError, TargetsLike
+from jaxlora.methods.lora import LoraAdapter, init_lora, lora_scale
+from jaxlora.targets import TargetsLike
 
 __all__ = ["LoraFaAdapter", "lora_fa"]
 
@@ -68,11 +68,13 @@ def lora_fa(
     References:
       Zhang et al., 2023, https://arxiv.org/abs/2308.03303.
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise TargetError(f"rank must be a positive integer, got {rank!r}")
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-
+    scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
     init = functools.partial(
         init_lora, targets=targets, rank=rank, scale=scale, dtype=dtype, cls=LoraFaAdapter
     )
     return Method("lora_fa", init)
+
+
+@recipes.register("lora_fa")
+def _recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("lora_fa", lora_fa(**kw))

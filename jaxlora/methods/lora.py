@@ -7,8 +7,9 @@ at zero, so training starts exactly at the base model. The scale is ``alpha/r``
 
 PiSSA (``init="pissa"``) starts A, B from the top-``r`` singular triplets of W instead, so
 the adapter holds W's principal part and training moves it; the base must then hold the
-residual ``W - s·A@B`` (see :func:`pissa`), which is why that init reads W's values and
-returns a method named ``"pissa"``.
+residual ``W - s·A@B``, which is why that init reads W's values and returns a method named
+``"pissa"`` whose :meth:`~jaxlora.Method.prepare` returns that residual with the adapters
+(the one entry point: ``base, adapters = jl.lora(..., init="pissa").prepare(key, params)``).
 
 References:
   Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models,
@@ -29,10 +30,11 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxlora.adapters import Adapter, Factors, Method, register_adapter, unmerge
+from jaxlora import recipes
+from jaxlora.adapters import Adapter, Factors, Method, register_adapter
 from jaxlora.interop import peft
-from jaxlora.keypaths import nest
-from jaxlora.targets import KernelLayout, TargetError, TargetsLike, path_str, select
+from jaxlora.keypaths import flatten, nest
+from jaxlora.targets import KernelLayout, TargetError, TargetsLike, select
 
 __all__ = [
     "PEFT_FORMAT",
@@ -42,9 +44,8 @@ __all__ = [
     "check_rank",
     "init_lora",
     "kaiming_a",
-    "leaves_by_path",
     "lora",
-    "pissa",
+    "lora_scale",
 ]
 
 
@@ -65,9 +66,17 @@ class LoraAdapter(Adapter):
     a: Any
     b: Any
 
-    def factors(self, shared: dict[str, Any]) -> Factors:
-        del shared
+    def factors(self, w: jax.Array, shared: dict[str, Any]) -> Factors:
+        del w, shared
         return Factors(self.a, self.b, self.scale)
+
+
+def lora_scale(*, rank: int, alpha: float, rslora: bool) -> float:
+    """The prelude of every LoRA-family factory: checks ``rank``, returns the scale
+    ``alpha/r`` (``alpha/√r`` for rsLoRA)."""
+    if not isinstance(rank, int) or rank < 1:
+        raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def check_rank(layout: KernelLayout, rank: int) -> None:
@@ -128,7 +137,8 @@ def lora(
       init: ``"kaiming"`` (the reference init: A kaiming-uniform, B = 0; ``init`` reads only
         shapes) or ``"pissa"`` (A, B from the top-``rank`` SVD of each kernel; ``init`` reads
         the kernels' values, and the base must be replaced by the residual: use
-        :func:`pissa`). The PiSSA method is named ``"pissa"``.
+        ``method.prepare(key, params)``, which returns it). The PiSSA method is named
+        ``"pissa"``.
       dtype: dtype of the adapter arrays (float32 by default, whatever the base dtype: the
         adapted product casts them to the compute dtype where they are used).
 
@@ -155,13 +165,11 @@ def lora(
       Kalajdzievski, 2023, https://arxiv.org/abs/2312.03732 (rsLoRA);
       Meng et al., 2024, https://arxiv.org/abs/2404.02948 (PiSSA).
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise TargetError(f"rank must be a positive integer, got {rank!r}")
+    scale = lora_scale(rank=rank, alpha=alpha, rslora=rslora)
     if init not in ("kaiming", "pissa"):
         raise ValueError(f"lora: init must be 'kaiming' or 'pissa', got {init!r}")
     if init == "pissa" and not alpha > 0:
         raise ValueError(f"lora(init='pissa') needs alpha > 0, got alpha={alpha!r}")
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
 
     if init == "kaiming":
         return Method(
@@ -172,7 +180,7 @@ def lora(
     def init_pissa(key: jax.Array, params: Any) -> dict[str, Any]:
         del key  # the SVD is exact and deterministic
         layouts = select(params, targets)
-        kernels = leaves_by_path(params)
+        kernels = flatten(params)
         nodes = {}
         for path, layout in layouts.items():
             check_rank(layout, rank)
@@ -180,7 +188,7 @@ def lora(
             nodes[path] = LoraAdapter(layout=layout, rank=rank, scale=float(scale), a=a, b=b)
         return nest(nodes)
 
-    return Method("pissa", init_pissa)
+    return Method("pissa", init_pissa, replaces_base=True)
 
 
 def init_lora(
@@ -204,7 +212,7 @@ def init_lora(
     for layout in layouts.values():
         check_rank(layout, rank)
     keys = jax.random.split(key, len(layouts))
-    kernels = leaves_by_path(params) if extra else {}
+    kernels = flatten(params) if extra else {}
     nodes = {}
     for k, (path, layout) in zip(keys, layouts.items()):
         nodes[path] = cls(
@@ -216,53 +224,6 @@ def init_lora(
             **{name: fn(layout, kernels[path]) for name, fn in extra.items()},
         )
     return nest(nodes)
-
-
-def leaves_by_path(params: Any) -> dict[str, Any]:
-    """The leaves of ``params`` keyed by their ``"/"``-joined key path."""
-    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def pissa(key: jax.Array, params: Any, method: Method) -> tuple[Any, dict[str, Any]]:
-    """Initialises PiSSA adapters and the residual base they belong with.
-
-    PiSSA moves each kernel's principal part into the adapter: ``s·A@B`` is the top-``r``
-    SVD part of ``W``, and the base becomes the residual ``W - s·A@B``, so the adapted
-    model starts exactly at the original one: ``merge(residual, adapters) == params``.
-
-    Args:
-      key: A PRNG key (unused by the exact SVD; kept so every init has one signature).
-      params: The original base parameters (values are read, not only shapes).
-      method: A method from ``jl.lora(..., init="pissa")``.
-
-    Returns:
-      ``(residual_params, adapters)``; train with ``residual_params`` as the frozen base.
-
-    Raises:
-      ValueError: If ``method`` is not a PiSSA-initialised LoRA.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jaxlora as jl
-      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
-      >>> method = jl.lora(rank=2, targets=".*kernel", init="pissa")
-      >>> residual, adapters = jl.pissa(jax.random.key(1), params, method)
-      >>> w, back = params["dense"]["kernel"], jl.merge(residual, adapters)["dense"]["kernel"]
-      >>> bool(jnp.allclose(back, w, atol=1e-5))
-      True
-      >>> sv = jnp.linalg.svd(residual["dense"]["kernel"], compute_uv=False)
-      >>> bool(sv[2] < 1e-5)  # the residual lost exactly the top-2 directions
-      True
-
-    References:
-      Meng et al., 2024, https://arxiv.org/abs/2404.02948.
-    """
-    if method.name != "pissa":
-        raise ValueError(
-            f"pissa() needs a method built with jl.lora(..., init='pissa'), got method "
-            f"{method.name!r}"
-        )
-    adapters = method.init(key, params)
-    return unmerge(params, adapters), adapters
 
 
 # ----------------------------------------------------------------------------- PEFT format
@@ -371,3 +332,21 @@ class LoraPeftFormat:
 
 PEFT_FORMAT = peft.register_format(LoraPeftFormat())
 """The registered ``LORA`` format (DoRA adds its variant to it)."""
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@recipes.register("lora")
+def _lora_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("lora", lora(**kw))
+
+
+@recipes.register("rslora")
+def _rslora_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("rslora", lora(rslora=True, **kw))
+
+
+@recipes.register("pissa")
+def _pissa_recipe(**kw: Any) -> recipes.Recipe:
+    return recipes.Recipe("pissa", lora(init="pissa", **kw))
