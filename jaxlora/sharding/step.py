@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlora.adapt import layer_shardings
 from jaxlora.keypaths import path_str
-from jaxlora.sharding.adapters import shapes_of
 from jaxlora.sharding.rules import entry_axes
 from jaxlora.train import train_step
 
@@ -124,7 +123,10 @@ def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
       ['stack']
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    closed = jax.make_jaxpr(fn)(shapes_of(params), *shapes_of(args))
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, args)
+    )
+    closed = jax.make_jaxpr(fn)(shapes[0], *shapes[1])
     invars = closed.jaxpr.invars[: len(flat)]
     found = _scanned_inputs(closed.jaxpr, {v: i for i, v in enumerate(invars)})
     return {path_str(flat[i][0]) for i in found}
