@@ -688,7 +688,7 @@ def layer_shardings(shardings: Mapping[str, Any]):
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlora as jl
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> mesh = jax.make_mesh((1,), ("fsdp",))
+      >>> mesh = jl.sharding.make_mesh({"fsdp": -1})
       >>> def f(p, x):
       ...     return jax.lax.scan(lambda h, w: (h @ w, None), x, p["stack"])[0].sum()
       >>> p = {"stack": jnp.ones((3, 2, 2))}
