@@ -82,8 +82,15 @@ def gathered(
     return fn
 
 
+# Calls that jaxlora.adapt inlines, so that a leaf passed through them is still the same
+# value where a scan slices it (a remat is rebuilt with new values inside: not followed).
+_INLINED = ("jit", "pjit", "closed_call")
+
+
 def _sub_jaxpr(eqn) -> Any:
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if eqn.primitive.name not in _INLINED:
+        return None
+    for name in ("jaxpr", "call_jaxpr"):
         sub = eqn.params.get(name)
         if sub is not None:
             return getattr(sub, "jaxpr", sub)
@@ -111,7 +118,8 @@ def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
     """Key paths of the ``params`` leaves that ``fn(params, *args)`` slices in a ``scan``.
 
     The stacked layers of a scanned model: ``fn`` is traced abstractly (nothing runs) and
-    a leaf counts when it reaches a scan's ``xs`` unchanged (through nested ``jit``).
+    a leaf counts when it reaches a scan's ``xs`` unchanged (through nested ``jit``), which
+    is where :func:`jaxlora.adapt.layer_shardings` can gather it per layer.
 
     Examples:
       >>> import jax, jax.numpy as jnp
