@@ -2,6 +2,6 @@
 
 The library never imports this package. Each module in ``experiments.configs`` has a
 ``get_config(variant)`` returning an :class:`experiments.config.ExperimentConfig`;
-``python -m experiments.launch`` runs one config, ``python -m experiments.compare`` runs
+``python -m experiments.run`` runs one config, ``python -m experiments.compare`` runs
 several and writes one results table and the plots.
 """

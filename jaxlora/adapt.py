@@ -42,14 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxlora.adapters import (
-    Adapter,
-    adapter_nodes,
-    check_full_leaf,
-    check_kernel,
-    full_leaves,
-    shared_state,
-)
+from jaxlora.adapters import Adapter, adapter_nodes, map_targeted, shared_state
 from jaxlora.targets import path_str
 
 __all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report", "layer_shardings"]
@@ -217,9 +210,6 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
 
 def _bind(eqn, invals: Sequence[Any]) -> list[Any]:
     params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
-        subfuns, params = params
-        invals = [*subfuns, *invals]
     manager = getattr(getattr(eqn, "ctx", None), "manager", None)
     with manager if manager is not None else contextlib.nullcontext():
         out = eqn.primitive.bind(*invals, **params)
@@ -824,25 +814,14 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
     @functools.wraps(fn)
     def adapted(params, adapters, *args, **kwargs):
         nodes = adapter_nodes(adapters)
-        full = full_leaves(adapters)
         shared = shared_state(adapters)
         ctx = _Ctx(strict, tuple(nodes), fuse)
+        # Check targeted params leaves first, substituting fully trained copies for their
+        # base leaves: a mismatch must be reported as such, not as whatever shape error
+        # tracing fn on the wrong params would raise.
+        params = map_targeted(params, adapters, lambda node, w, sh: w, lambda p, copy, w: copy)
         paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
-        # Check and substitute targeted params leaves first: a mismatch must be reported as
-        # such, not as whatever shape error tracing fn on the wrong params would raise.
-        seen = set()
-        for i, (path, w) in enumerate(zip(paths, leaves)):
-            if path in full:  # a fully trained copy stands in for the base leaf
-                check_full_leaf(path, full[path], w)
-                leaves[i] = full[path]
-                seen.add(path)
-            elif path in nodes:
-                check_kernel(nodes[path], w)
-                seen.add(path)
-        missing = sorted((set(nodes) | set(full)) - seen)
-        if missing:
-            raise ValueError(f"adapters target kernels missing from params: {missing}")
 
         per_layer = _LAYER_SHARDINGS.get() or {}
         ctx.layers = {id(leaves[i]): per_layer[p] for i, p in enumerate(paths) if p in per_layer}

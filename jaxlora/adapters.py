@@ -40,6 +40,7 @@ __all__ = [
     "adapter_nodes",
     "labels",
     "map_parts",
+    "map_targeted",
     "merge",
     "num_trainable",
     "register_adapter",
@@ -271,7 +272,11 @@ def check_kernel(node: Adapter, w: Any) -> None:
         )
 
 
-def _map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
+def map_targeted(params: Any, adapters: Any, fn, full_fn) -> Any:
+    """``params`` with ``fn(node, w, shared)`` at every adapted kernel and
+    ``full_fn(path, copy, w)`` at every fully trained leaf, each checked against the leaf it
+    stands for; a target missing from ``params`` is an error. ``merge``, ``unmerge`` and
+    ``adapt`` are this map."""
     nodes = adapter_nodes(adapters)
     full = full_leaves(adapters)
     shared = shared_state(adapters)
@@ -320,7 +325,7 @@ def merge(params: Any, adapters: Any) -> Any:
       >>> bool((jl.merge(params, adapters)["dense"]["kernel"] == 1).all())  # B starts at 0
       True
     """
-    return _map_targeted(
+    return map_targeted(
         params,
         adapters,
         lambda node, w, sh: node.merge_kernel(w, sh),
@@ -356,7 +361,7 @@ def unmerge(params: Any, adapters: Any) -> Any:
             "value, so it cannot be unmerged; keep the original params instead"
         )
 
-    return _map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base)
+    return map_targeted(params, adapters, lambda node, w, sh: node.unmerge_kernel(w, sh), no_base)
 
 
 def labels(adapters: Any) -> Any:

@@ -6,7 +6,7 @@ the processes before anything else touches JAX. It is driven by the environment,
 experiment script needs no flags to run on a laptop, a TPU pod slice or a GPU cluster:
 
 * ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, ``JAX_COORDINATOR_ADDRESS`` (``host:port``),
-  as set by ``scripts/launch.py local|ssh``: explicit initialisation;
+  as set by ``scripts/launch_processes.py local|ssh``: explicit initialisation;
 * ``JAXLORA_DISTRIBUTED=auto``, or a SLURM / Open MPI job of several tasks, or a
   multi-host TPU slice that names its workers (``TPU_WORKER_HOSTNAMES``): JAX's own cluster
   detection fills in everything;

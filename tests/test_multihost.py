@@ -1,4 +1,4 @@
-"""Multi-process training and the pod launcher (scripts/launch.py).
+"""Multi-process training and the pod launcher (scripts/launch_processes.py).
 
 Two CPU processes on localhost (a coordinator on 127.0.0.1 at a free port, 2 fake devices
 each) train LoRA on one global 4-device mesh that spans both, and must save the same
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
 WORKER = ROOT / "tests" / "_sharding_worker.py"
-LAUNCH = ROOT / "scripts" / "launch.py"
+LAUNCH = ROOT / "scripts" / "launch_processes.py"
 
 
 def _launch_module():

@@ -3,8 +3,8 @@
 Every method trains the same head in full beside its adapters (PEFT's ``modules_to_save``);
 ``linear_probe`` trains only the head, ``untrained`` is the random head before training.
 
-    python -m experiments.launch --config e1_topics --variant local   # 2-core CPU, minutes
-    python -m experiments.launch --config e1_topics --variant full    # GPU/TPU host
+    python -m experiments.run --config e1_topics --variant local   # 2-core CPU, minutes
+    python -m experiments.run --config e1_topics --variant full    # GPU/TPU host
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The loss is on the answer tokens only; the table reports held-out loss before and after,
 and greedy answers to a few prompts before and after.
 
-    python -m experiments.launch --config e2_causal_lm --variant local   # CPU, ~15 min
-    python -m experiments.launch --config e2_causal_lm --variant full    # GPU/TPU host
+    python -m experiments.run --config e2_causal_lm --variant local   # CPU, ~15 min
+    python -m experiments.run --config e2_causal_lm --variant full    # GPU/TPU host
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from jaxlora.adapters import (
     SharedState,
     register_adapter,
     register_shared,
+    replace_shared,
     shared_state,
 )
 from jaxlora.interop import peft
@@ -243,21 +244,19 @@ def vera(
             )
             for path, lay in layouts.items()
         }
-        tree = nest(nodes)
-        tree[SHARED_KEY] = {NAME: dataclasses.replace(shared, a=a, b=b)}
-        return tree
+        return replace_shared(nest(nodes), {NAME: dataclasses.replace(shared, a=a, b=b)})
 
     return Method(NAME, init)
 
 
 def _replace_shared(adapters: dict[str, Any], fn) -> dict[str, Any]:
-    shared = adapters.get(SHARED_KEY, {})
+    shared = shared_state(adapters)
     if NAME not in shared:
         raise ValueError(
             f"adapters have no VeRA shared state under [{SHARED_KEY!r}][{NAME!r}]; "
             f"found {sorted(shared)}"
         )
-    return {**adapters, SHARED_KEY: {**shared, NAME: fn(shared[NAME])}}
+    return replace_shared(adapters, {NAME: fn(shared[NAME])})
 
 
 def strip_shared(adapters: dict[str, Any]) -> dict[str, Any]:
@@ -382,10 +381,9 @@ class VeraPeftFormat:
             nodes[path] = VeraAdapter(
                 layout=lay, rank=r, d=d, b=b.reshape(*lay.stack_shape, *lay.out_shape)
             )
-        tree = nest(nodes)
         # the key beside imported matrices does not regenerate them: checkpoints store them
         key = jax.random.key(int(config.get("projection_prng_key", 0)))
-        tree[SHARED_KEY] = {
+        shared = {
             NAME: VeraShared(
                 a=a_s,
                 b=b_s,
@@ -397,7 +395,7 @@ class VeraPeftFormat:
                 dtype=jnp.dtype(dtype).name,
             )
         }
-        return tree
+        return replace_shared(nest(nodes), shared)
 
 
 PEFT_FORMAT = peft.register_format(VeraPeftFormat())

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlora.adapters import Adapter, map_parts
-from jaxlora.keypaths import path_str
+from jaxlora.keypaths import path_str, path_tuple
 from jaxlora.sharding.errors import ShardingError
 from jaxlora.sharding.rules import named
 
@@ -70,7 +70,7 @@ def _node_specs(node: Adapter, kernel_spec: P) -> Any:
     full = tuple(kernel_spec) + (None,) * (len(node.layout.shape) - len(kernel_spec))
 
     def spec(kp, x):
-        field = kp[0].name if isinstance(kp[0], jax.tree_util.GetAttrKey) else str(kp[0])
+        (field,) = path_tuple(kp[:1], unbox=False)
         axes = _field_kernel_axes(node, field, tuple(x.shape))
         return P(*(None if a is None else full[a] for a in axes))
 

@@ -7,17 +7,17 @@ one global device mesh. This launcher only starts the copies with the environmen
 ``initialize()`` reads; the script itself is unchanged from a single-process run.
 
     # N processes on this machine (CPU testing; each gets K fake CPU devices)
-    python scripts/launch.py local -n 2 --cpu-devices 4 -- python train.py --steps 10
+    python scripts/launch_processes.py local -n 2 --cpu-devices 4 -- python train.py --steps 10
 
     # a plain list of hosts over ssh: process i runs on host i, host 0 coordinates
-    python scripts/launch.py ssh --hosts gpu0,gpu1 --workdir ~/jaxlora -- python train.py
+    python scripts/launch_processes.py ssh --hosts gpu0,gpu1 --workdir ~/jaxlora -- python train.py
 
     # inside a SLURM allocation: srun starts one task per GPU, JAX reads SLURM's variables
-    python scripts/launch.py slurm --srun-args "--nodes=2 --ntasks-per-node=8 --gpus-per-task=1" \\
-        -- python train.py
+    python scripts/launch_processes.py slurm \\
+        --srun-args "--nodes=2 --ntasks-per-node=8 --gpus-per-task=1" -- python train.py
 
     # every worker VM of a Cloud TPU pod slice; JAX reads the slice topology itself
-    python scripts/launch.py tpu --name my-v5e-32 --zone us-west4-a --workdir ~/jaxlora \\
+    python scripts/launch_processes.py tpu --name my-v5e-32 --zone us-west4-a --workdir ~/jaxlora \\
         -- python train.py
 
 ``--dry-run`` prints the commands instead of running them. In ``local`` and ``ssh`` mode the

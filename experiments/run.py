@@ -1,6 +1,6 @@
 """Runs one experiment config: every method in it, trained and evaluated the same way.
 
-    python -m experiments.launch --config e1_topics --variant local [--methods lora,vera]
+    python -m experiments.run --config e1_topics --variant local [--methods lora,vera]
 
 For each method it builds the adapters (plus a fully trained head where the task has one),
 the method's optimizer (AdamW, warm-up + cosine schedule) and its train step, compiles the
@@ -30,6 +30,7 @@ from tqdm import tqdm
 import jaxlora as jl
 from experiments import config as config_lib
 from experiments.config import ExperimentConfig, MethodConfig
+from experiments.report import table
 from experiments.tasks import ASSETS, RULE_PRESETS, TASKS, Task, partition_rules
 from jaxlora import assets, data, distributed
 from jaxlora import sharding as sh
@@ -408,8 +409,6 @@ def main(argv=None) -> None:
     config = config_lib.load(args.config, args.variant)
     methods = None if args.methods is None else args.methods.split(",")
     result = run(config, pathlib.Path(args.out), methods=methods, resume=args.resume)
-    from experiments.compare import table
-
     print(table([result]))
 
 
