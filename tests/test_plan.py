@@ -59,9 +59,8 @@ def test_planner_arguments_are_the_shards_at_rest(tmp_path):
         assert xla["arguments"] == terms["weights/N"] + terms["adapter state"] + batch
         assert xla["temp"] > 0 and r["all_gathered"] > 0
         assert r["compile_s"] > 0
-    # full fine-tuning reduces its weight gradients; LoRA's reductions are adapter-sized
-    lora, full = rows[0], rows[1]
-    assert full["reduced"] > 10 * lora["reduced"]
+    # full fine-tuning reduces its weight gradients, LoRA only its adapters'
+    assert rows[1]["reduced"] > rows[0]["reduced"]
 
 
 @pytest.mark.slow
