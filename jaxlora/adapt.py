@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,7 +48,7 @@ from jaxlora.adapters import Adapter, adapter_nodes, map_targeted, shared_state
 from jaxlora.quant import constrain
 from jaxlora.targets import is_kernel_leaf, path_str
 
-__all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report"]
+__all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report", "layer_shardings"]
 
 STACK, IN, OUT = 0, 1, 2
 
@@ -102,6 +103,8 @@ class _Ctx:
         # sites are deduplicated because scan/cond may trace a body more than once
         self._fast_sites: set[tuple[str, int]] = set()
         self._merge_sites: set[tuple[str, int]] = set()
+        # id(stacked input) -> sharding of one of its scanned slices (see layer_shardings)
+        self.layers: dict[int, Any] = {}
 
     def dropout_key(self) -> jax.Array:
         return jax.random.fold_in(self.rng, next(self._sites))
@@ -677,12 +680,15 @@ def _same_layout(k: _Lazy, w, eqn):
 
 
 def _sharding_constraint(k: _Lazy, w, eqn):
-    # Constrain the factors like the kernel they share an axis with, rank replicated.
     sharding = eqn.params.get("sharding")
-    spec = getattr(sharding, "spec", None)
-    if spec is None or not hasattr(sharding, "mesh"):
+    if getattr(sharding, "spec", None) is None or not hasattr(sharding, "mesh"):
         return k.replace(w=w)
-    spec = tuple(spec) + (None,) * (k.ndim - len(tuple(spec)))
+    return _constrain(k, w, sharding)
+
+
+def _constrain(k: _Lazy, w, sharding):
+    # Constrain the factors like the kernel they share an axis with, rank replicated.
+    spec = tuple(sharding.spec) + (None,) * (k.ndim - len(tuple(sharding.spec)))
     st, inn, out = k.groups()
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
 
@@ -807,6 +813,7 @@ def _scan(ctx, eqn, invals):
             else s
             for x, s in zip(xs, sliced)
         ]
+        vals = [_gather_layer(ctx, x, v) for x, v in zip(xs, vals)]
         full_carry = dict(zip(loop_carry, carry))
         full_carry.update({c: init[c] for c in fixed})
         args = [*consts, *(full_carry[c] for c in range(ncarry)), *vals]
@@ -816,6 +823,12 @@ def _scan(ctx, eqn, invals):
         ctx.rng = outer_rng
         return outs[: len(loop_carry)], outs[len(loop_carry) :]
 
+    if any(id(x.w if isinstance(x, _Lazy) else x) in ctx.layers for x in xs):
+        # The backward pass must gather each layer again, not keep every layer's gathered
+        # copy as a residual (the whole stack again). Only rematerialising the body does
+        # that: a names policy would have to override a remat inside the layer, and XLA
+        # then saves all of its activations. A layer already under remat costs no more.
+        body = jax.checkpoint(body, prevent_cse=False)
     carry, ys = lax.scan(
         body,
         [init[c] for c in loop_carry],
@@ -834,6 +847,52 @@ def _scan(ctx, eqn, invals):
 def _sliceable(w: Any) -> bool:
     # recorded layout ops other than casts describe the unsliced kernel
     return not isinstance(w, _Deferred) or _shape_preserving(w.ops)
+
+
+_LAYER_SHARDINGS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "jaxlora_layer_shardings", default=None
+)
+
+
+@contextlib.contextmanager
+def layer_shardings(shardings: Mapping[str, Any]):
+    """Within this context, ``adapt`` constrains each scanned layer's slice of a parameter.
+
+    ``shardings`` maps a ``params`` key path to the sharding of *one layer* of that stacked
+    leaf (its leading axis dropped). Where the leaf is sliced by a ``scan`` as it came in,
+    the slice (and a lazy kernel's factors with it) is constrained inside the loop body, so
+    FSDP all-gathers one layer per iteration instead of the whole stack up front. Such a
+    scan body is rematerialised, so the backward pass gathers each layer again rather than
+    keeping every gathered layer as a residual.
+    :func:`jaxlora.sharding.sharded_train_step` sets it; it is read when the adapted
+    function is called (traced), not when it is built.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlora as jl
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jl.sharding.make_mesh({"fsdp": -1})
+      >>> def f(p, x):
+      ...     return jax.lax.scan(lambda h, w: (h @ w, None), x, p["stack"])[0].sum()
+      >>> p = {"stack": jnp.ones((3, 2, 2))}
+      >>> ad = jl.lora(rank=1, targets="stack").init(jax.random.key(0), p)
+      >>> with layer_shardings({"stack": NamedSharding(mesh, P(None, None))}):
+      ...     float(jax.jit(jl.adapt(f))(p, ad, jnp.ones((1, 2))))
+      16.0
+    """
+    token = _LAYER_SHARDINGS.set(dict(shardings))
+    try:
+        yield
+    finally:
+        _LAYER_SHARDINGS.reset(token)
+
+
+def _gather_layer(ctx: _Ctx, stacked: Any, sliced: Any) -> Any:
+    sharding = ctx.layers.get(id(stacked.w if isinstance(stacked, _Lazy) else stacked))
+    if sharding is None:
+        return sliced
+    if isinstance(sliced, _Lazy):
+        return _constrain(sliced, lax.with_sharding_constraint(sliced.w, sharding), sharding)
+    return lax.with_sharding_constraint(sliced, sharding)
 
 
 def _prim(*names: str):
@@ -970,6 +1029,8 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
         paths = [path_str(kp) for kp, _ in flat]
         leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_kernel_leaf)
 
+        per_layer = _LAYER_SHARDINGS.get() or {}
+        ctx.layers = {id(leaves[i]): per_layer[p] for i, p in enumerate(paths) if p in per_layer}
         static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
         avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves if _is_dynamic(x))
         try:

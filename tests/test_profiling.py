@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlora.profiling import Collective, collectives, compiled_cost
+from jaxlora.profiling import Collective, collective_bytes, collectives, compiled_cost
 
 
 def test_compiled_cost_counts_a_matmul_and_its_buffers():
@@ -27,3 +27,31 @@ def test_collectives_parses_combined_and_async_ops():
         Collective("all-reduce", ((4, 2), ())),
         Collective("all-gather", ((8, 4),)),
     ]
+
+
+def test_collective_bytes_weights_loops_by_their_trip_counts():
+    # an outer loop of 3 around an inner loop of 4; a reduce-scatter counts its operand
+    trip = '"known_trip_count":{{"n":"{}"}}'
+    text = "\n".join(
+        [
+            "%inner (p: f32[2,4]) -> f32[2,4] {",
+            "  %ag = f32[16,4]{1,0} all-gather(f32[2,4]{1,0} %p), dimensions={0}",
+            "}",
+            "%outer (p: f32[2,4]) -> f32[2,4] {",
+            "  %w = f32[2,4] while(f32[2,4] %p), condition=%c1, body=%inner, "
+            f"backend_config={{{trip.format(4)}}}",
+            "  %rs = bf16[1,4]{1,0} reduce-scatter(bf16[8,4]{1,0} %q), dimensions={0}",
+            "}",
+            "ENTRY %main (p: f32[2,4]) -> f32[2,4] {",
+            "  %w = f32[2,4] while(f32[2,4] %p), condition=%c0, body=%outer, "
+            f"backend_config={{{trip.format(3)}}}",
+            "  %ar = f32[5]{0} all-reduce(f32[5]{0} %x), to_apply=%add",
+            "  %ag2 = (f32[1,4]{1,0}, f32[8,4]{1,0}) all-gather-start(f32[1,4]{1,0} %y)",
+            "}",
+        ]
+    )
+    assert collective_bytes(text) == {
+        "all-gather": 3 * 4 * 16 * 4 * 4 + 8 * 4 * 4,  # the async start counts its result
+        "reduce-scatter": 3 * 8 * 4 * 2,
+        "all-reduce": 5 * 4,
+    }

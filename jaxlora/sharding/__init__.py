@@ -9,7 +9,7 @@
   axis by axis; optimizer state follows its adapter array.
 * :mod:`~jaxlora.sharding.init`: adapters and optimizer state born in their shards.
 * :mod:`~jaxlora.sharding.step`: :func:`jaxlora.train_step` jitted with explicit shardings
-  and donation, FSDP kernels gathered once per step.
+  and donation; FSDP kernels gathered once per step, scanned stacks one layer at a time.
 
 Counting the collectives of a compiled step is :func:`jaxlora.profiling.collectives`.
 """
@@ -24,7 +24,7 @@ from jaxlora.sharding.errors import ShardingError
 from jaxlora.sharding.init import init_adapters, init_opt_state
 from jaxlora.sharding.mesh import AXES, BATCH_AXES, batch_sharding, make_mesh, mesh_shape
 from jaxlora.sharding.rules import Rules, param_shardings, param_specs
-from jaxlora.sharding.step import gathered, sharded_train_step
+from jaxlora.sharding.step import gathered, scanned_paths, sharded_train_step
 
 __all__ = [
     "AXES",
@@ -43,5 +43,6 @@ __all__ = [
     "opt_state_specs",
     "param_shardings",
     "param_specs",
+    "scanned_paths",
     "sharded_train_step",
 ]
