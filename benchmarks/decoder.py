@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import _cases
+from benchmarks._cases import LR, WEIGHT_DECAY
+
 BATCH, SEQ = 4, 128
-RANK, ALPHA, VERA_RANK = 8, 16.0, 16
-LR, WEIGHT_DECAY = 1e-4, 0.01
+VERA_RANK = 16
 ATTENTION = r".*/attn/(q|k|v|o)_proj/kernel"
 ALL_LINEAR = r"layers/.*/(attn|mlp)/.*_proj/kernel"
 PEFT_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,7 +70,6 @@ def jax_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
     import jax.numpy as jnp
     import optax
 
-    import jaxlora as jl
     from jaxlora.models import llama
 
     cfg = config()
@@ -111,35 +112,14 @@ def jax_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
 
         return run, info
 
-    name, kw = {
-        "lora_attn": ("lora", dict(rank=RANK, alpha=ALPHA, targets=ATTENTION)),
-        "lora_all": ("lora", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "lora_fa": ("lora_fa", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "vera": ("vera", dict(rank=VERA_RANK, targets=ALL_LINEAR)),
-        "dora": ("dora", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "delta_lora": (
-            "delta_lora",
-            dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR, lam=0.5, start_step=2),
-        ),
-    }[case]
-    spec = jl.recipe(name, **kw)
-    params, adapters = spec.prepare(jax.random.key(1), params)
-    tx = spec.optimizer(optax.adamw, learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    opt_state = tx.init(adapters)
-    step = jl.train_step(loss_fn, tx)
-    state = [params, adapters, opt_state]
-    info["trainable"] = jl.num_trainable(adapters)
-
-    def run(i: int) -> float:
-        state[0], state[1], state[2], metrics = step(*state, batch)
-        return float(metrics["loss"])
-
-    return run, info
+    name, kw = _cases.recipe_args(
+        case, attention=ATTENTION, all_linear=ALL_LINEAR, vera_rank=VERA_RANK
+    )
+    return _cases.adapter_step(name, kw, params, loss_fn, [batch])
 
 
 def torch_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
     import os
-    import warnings
 
     import torch
     import transformers
@@ -160,22 +140,9 @@ def torch_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
     if unexpected or any("rotary" not in m for m in missing):
         raise ValueError(f"weight transfer mismatch: missing={missing} unexpected={unexpected}")
     if case != "torch_full":
-        import peft
-
-        modules = list(PEFT_ATTENTION if case == "peft_lora_attn" else PEFT_ALL)
-        if case == "peft_vera":
-            pcfg = peft.VeraConfig(r=VERA_RANK, target_modules=modules, vera_dropout=0.0)
-        else:
-            pcfg = peft.LoraConfig(
-                r=RANK,
-                lora_alpha=ALPHA,
-                target_modules=modules,
-                lora_dropout=0.0,
-                use_dora=case == "peft_dora",
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = peft.get_peft_model(model, pcfg)
+        model = _cases.peft_model(
+            model, case, attention=PEFT_ATTENTION, all_linear=PEFT_ALL, vera_rank=VERA_RANK
+        )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)

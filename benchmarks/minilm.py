@@ -18,16 +18,17 @@ Each case runs in its own process (``python -m benchmarks.worker minilm CASE``);
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from benchmarks import _cases
+from benchmarks._cases import LR, WEIGHT_DECAY
+
 BATCH, SEQ, N_BATCHES = 32, 64, 8
-RANK, ALPHA, VERA_RANK = 8, 16.0, 64
-LR, WEIGHT_DECAY = 1e-4, 0.01
+VERA_RANK = 64
 ALL_LINEAR = r"encoder/layers/.*/kernel"
 ATTENTION = r"encoder/layers/.*/attn/.*/kernel"
 PEFT_ATTENTION = ("query", "key", "value", "attention.output.dense")
@@ -72,7 +73,6 @@ def jax_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
     import jax.numpy as jnp
     import optax
 
-    import jaxlora as jl
     from jaxlora import assets
     from jaxlora.models import bert, loaders
 
@@ -126,32 +126,11 @@ def jax_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
 
         return run, info
 
-    name, kw = {
-        "lora_attn": ("lora", dict(rank=RANK, alpha=ALPHA, targets=ATTENTION)),
-        "lora_all": ("lora", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "lora_fa": ("lora_fa", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "vera": ("vera", dict(rank=VERA_RANK, targets=ALL_LINEAR)),
-        "dora": ("dora", dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR)),
-        "delta_lora": (
-            "delta_lora",
-            dict(rank=RANK, alpha=ALPHA, targets=ALL_LINEAR, lam=0.5, start_step=2),
-        ),
-    }[case]
-    spec = jl.recipe(name, **kw)
+    name, kw = _cases.recipe_args(
+        case, attention=ATTENTION, all_linear=ALL_LINEAR, vera_rank=VERA_RANK
+    )
     # the head trains in full beside the adapters, as in the E1 experiment
-    spec = dataclasses.replace(spec, method=jl.compose(spec.method, jl.full(targets="head/.*")))
-    params, adapters = spec.prepare(jax.random.key(1), params)
-    tx = spec.optimizer(optax.adamw, learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    opt_state = tx.init(adapters)
-    step = jl.train_step(loss_fn, tx)
-    state = [params, adapters, opt_state]
-    info["trainable"] = jl.num_trainable(adapters)
-
-    def run(i: int) -> float:
-        state[0], state[1], state[2], metrics = step(*state, device_batches[i % N_BATCHES])
-        return float(metrics["loss"])
-
-    return run, info
+    return _cases.adapter_step(name, kw, params, loss_fn, device_batches, head="head/.*")
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -178,20 +157,9 @@ def torch_case(case: str) -> tuple[Callable[[int], float], dict[str, Any]]:
         attention_probs_dropout_prob=0.0,
     )
     if case != "torch_full":
-        import peft
-
-        modules = PEFT_ATTENTION if case == "peft_lora_attn" else PEFT_ALL
-        if case.startswith("peft_lora") or case == "peft_dora":
-            cfg = peft.LoraConfig(
-                r=RANK,
-                lora_alpha=ALPHA,
-                target_modules=list(modules),
-                lora_dropout=0.0,
-                use_dora=case == "peft_dora",
-            )
-        else:
-            cfg = peft.VeraConfig(r=VERA_RANK, target_modules=list(modules), vera_dropout=0.0)
-        encoder = peft.get_peft_model(encoder, cfg)
+        encoder = _cases.peft_model(
+            encoder, case, attention=PEFT_ATTENTION, all_linear=PEFT_ALL, vera_rank=VERA_RANK
+        )
     head = torch.nn.Linear(encoder.config.hidden_size, n_classes())
     trainable = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
