@@ -198,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="CI smoke run: one round of two steps of full, lora_all and peft_lora_all; "
-        "prints only",
+        help="CI smoke run: one round of two steps of full, lora_all and peft_lora_all, "
+        "loaded rounds kept; prints only",
     )
     args = ap.parse_args(argv)
     if args.quick:
+        # a smoke run checks the machinery, not the machine: loaded rounds count too
         args.rounds, args.steps, args.warmup, args.no_write = 1, 2, 1, True
+        args.allow_load = True
         args.cases = args.cases or ["full", "lora_all", "peft_lora_all"]
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
