@@ -874,7 +874,8 @@ def layer_shardings(shardings: Mapping[str, Any]):
       >>> def f(p, x):
       ...     return jax.lax.scan(lambda h, w: (h @ w, None), x, p["stack"])[0].sum()
       >>> p = {"stack": jnp.ones((3, 2, 2))}
-      >>> ad = jl.lora(rank=1, targets="stack").init(jax.random.key(0), p)
+      >>> ad = jl.lora(rank=1, targets=jl.Target("stack", stack_axes=(0,))).init(
+      ...     jax.random.key(0), p)
       >>> with layer_shardings({"stack": NamedSharding(mesh, P(None, None))}):
       ...     float(jax.jit(jl.adapt(f))(p, ad, jnp.ones((1, 2))))
       16.0

@@ -89,6 +89,7 @@ from jaxlora import sharding as sh  # noqa: E402
 from jaxlora.keypaths import path_str  # noqa: E402
 from jaxlora.models import llama  # noqa: E402
 from jaxlora.sharding.rules import entry_axes  # noqa: E402
+from jaxlora.targets import stacked  # noqa: E402
 from jaxlora.train import split_trainable  # noqa: E402
 
 _COMMON = dict(scan_layers=True, remat=True, dtype="bfloat16", param_dtype="bfloat16")
@@ -135,11 +136,11 @@ GIB = 2**30
 def method_of(name: str, rank: int) -> jl.Method:
     """The adapters of a planner method: all-linear LoRA/VeRA/DoRA, or every leaf (full)."""
     if name == "lora":
-        return jl.lora(rank=rank, alpha=2.0 * rank, targets="all-linear")
+        return jl.lora(rank=rank, alpha=2.0 * rank, targets=stacked("all-linear"))
     if name == "dora":
-        return jl.dora(rank=rank, alpha=2.0 * rank, targets="all-linear")
+        return jl.dora(rank=rank, alpha=2.0 * rank, targets=stacked("all-linear"))
     if name == "vera":
-        return jl.vera(rank=256, targets="all-linear")
+        return jl.vera(rank=256, targets=stacked("all-linear"))
     if name == "full":
         return jl.full(targets=".*")
     raise SystemExit(f"unknown method {name!r}: choose lora, vera, dora or full")

@@ -23,7 +23,7 @@ from jaxlora import distributed, profiling
 from jaxlora import sharding as sh
 from jaxlora.models import llama
 from jaxlora.quant import QuantizedKernel
-from jaxlora.targets import is_kernel_leaf
+from jaxlora.targets import is_kernel_leaf, stacked
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices")
 
@@ -37,7 +37,7 @@ STEPS = 3
 
 def _params(kind):
     params = jax.jit(functools.partial(llama.init_params, config=CONFIG))(jax.random.key(0))
-    return jl.quantize(params, targets="all-linear", kind=kind)
+    return jl.quantize(params, targets=stacked("all-linear"), kind=kind)
 
 
 def _loss_fn(params, ids):
@@ -86,7 +86,7 @@ def test_split_inside_a_block_is_an_error():
 
 def test_sharded_lora_on_quantized_base_matches_one_device():
     qparams = _params("nf4")
-    method = jl.lora(rank=4, targets="all-linear")
+    method = jl.lora(rank=4, targets=stacked("all-linear"))
     tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
 
     # one device

@@ -338,7 +338,7 @@ _VERA_STACK = pytest.mark.xfail(
 )
 def test_scanned_fsdp_temp_grows_by_one_layer_not_the_stack(name):
     """Per-device temp memory, L=8 against L=2: less than one more layer gathered."""
-    method = _spec(name).method
+    method = _spec(name, True).method
 
     def temp(layers, per_layer):
         config = dataclasses.replace(WIDE, num_layers=layers)
@@ -354,14 +354,14 @@ def test_scanned_fsdp_temp_grows_by_one_layer_not_the_stack(name):
 def test_scanned_fsdp_gathers_inside_the_layer_loop():
     """Every base kernel is all-gathered per layer (its unstacked shape), L times a step."""
     config = dataclasses.replace(WIDE, num_layers=4)
-    compiled = _compiled_step(config, jl.lora(rank=4, targets="all-linear"), True)
+    compiled = _compiled_step(config, jl.lora(rank=4, targets=stacked("all-linear")), True)
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    stacked = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes["layers"]) if x.ndim == 3}
-    one_layer = {(1, *s[1:]) for s in stacked}
+    stacks = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes["layers"]) if x.ndim == 3}
+    one_layer = {(1, *s[1:]) for s in stacks}
     gathers = [
         c.shapes[-1] for c in profiling.collectives(compiled.as_text()) if c.op == "all-gather"
     ]
-    assert not stacked & set(gathers), "a whole stack was gathered"
+    assert not stacks & set(gathers), "a whole stack was gathered"
     assert one_layer <= set(gathers), (one_layer, gathers)
     # trip-count weighted: L per-layer gathers of each kernel (+ their A factors) a step,
     # at least as many bytes as the kernels of all L layers

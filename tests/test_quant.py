@@ -238,7 +238,7 @@ QPARAMS = {
 }
 QTARGETS = [
     jl.Target(r"inp/kernel"),
-    jl.Target(r"layers/kernel"),
+    jl.Target(r"layers/kernel", stack_axes=(0,)),
     jl.Target(r"out/kernel", in_axes=(0, 1), out_axes=(2,)),
 ]
 QBATCH = {
@@ -271,9 +271,13 @@ def qloss(p, batch):
     return jnp.mean((qmodel(p, batch["x"]) - batch["y"]) ** 2)
 
 
-def _quantized(kind, dq, targets=".*kernel"):
+def _quantized(kind, dq):
     # blocks along each kernel's input axis; (h, k) -> d blocks along k
-    spec = [jl.Target("out/kernel", in_axes=(0, 1), out_axes=(2,)), jl.Target(targets)]
+    spec = [
+        jl.Target("out/kernel", in_axes=(0, 1), out_axes=(2,)),
+        jl.Target("inp/kernel"),
+        jl.Target("(layers|frozen)/kernel", stack_axes=(0,)),
+    ]
     block = 32 if kind == "nf4" else None  # k = 64: two blocks per column
     return jl.quantize(QPARAMS, targets=spec, kind=kind, block=block, double_quant=dq)
 

@@ -109,7 +109,6 @@ def test_selection_works_on_shapes_only():
     shapes = jax.eval_shape(lambda: PARAMS)
     targets = [STACKED, OUT, "all-linear"]
     assert select(shapes, targets) == select(PARAMS, targets)
-    assert set(select(shapes, "all-linear")) == set(select(PARAMS, "all-linear"))
 
 
 def test_peft_target_modules_are_module_names():

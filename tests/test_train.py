@@ -98,7 +98,7 @@ def test_has_aux_metrics():
 
 def _spec_state(name):
     extra = {"lam": 0.5, "start_step": 0} if name == "delta_lora" else {}
-    recipe = jl.recipe(name, rank=2, targets=".*kernel", **extra)
+    recipe = jl.recipe(name, rank=2, targets=TARGETS, **extra)
     params, ad = recipe.prepare(jax.random.key(0), PARAMS)
     params = jax.tree_util.tree_map(jnp.copy, params)
     tx = recipe.optimizer(optax.adam, learning_rate=0.1)

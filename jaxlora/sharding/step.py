@@ -147,9 +147,14 @@ def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
 
 
 def _layer_shardings(param_shardings: Any, paths: Collection[str], axes: Sequence[str]):
-    # one layer's sharding of each scanned leaf that is split over a gathered axis
+    # one layer's sharding of each scanned leaf that is split over a gathered axis. A
+    # quantized kernel is left out: its codes and scales are gathered whole at the top
+    # (per-layer gathering of packed codes is not implemented yet)
     out = {}
-    for kp, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=is_kernel_leaf)[0]
+    for kp, s in flat:
+        if is_kernel_leaf(s):
+            continue
         spec = tuple(s.spec)
         used = {a for e in spec for a in entry_axes(e)}
         if path_str(kp) in paths and spec and spec[0] is None and used & set(axes):
@@ -230,7 +235,12 @@ def sharded_train_step(
 
     def step(params, adapters, opt_state, batch):
         # traced once per compile: which leaves are scanned is known only from the loss
-        scanned = scanned_paths(loss_fn, params, batch) if per_layer and gather else set()
+        # a quantized base is gathered whole at the top for now (see _layer_shardings)
+        quantized = any(
+            is_kernel_leaf(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_kernel_leaf)
+        )
+        per = per_layer and gather and not quantized
+        scanned = scanned_paths(loss_fn, params, batch) if per else set()
         layers = _layer_shardings(param_shardings, scanned, gather)
         inner = train_step(
             gathered(loss_fn, param_shardings, gather, skip=layers),
