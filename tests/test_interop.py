@@ -519,3 +519,41 @@ def test_wrapped_tree_prefixes_and_their_errors(tmp_root, tmp_path):
     merged = jl.merge(params, adapters)["encoder"]
     got = np.asarray(bert.apply(merged, ids, mask, config=config))
     np.testing.assert_allclose(got[mask.astype(bool)], expected[mask.astype(bool)], **TOL)
+
+
+def test_a_head_partly_trained_takes_its_frozen_leaves_from_params(tmp_root, tmp_path):
+    model, config, params = load_classifier(tmp_root)
+    method = jl.compose(
+        jl.lora(rank=2, targets=r"encoder/.*attn/query/kernel"), jl.full(targets="head/kernel")
+    )
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
+    names = classifier_names(config)
+    # PEFT loads a modules_to_save module whole: the frozen bias comes from params
+    out = jl.export_peft(tmp_path / "peft", adapters, names, prefix="encoder", params=params)
+    ids, mask = random_batch(10, config.vocab_size)
+    expected = torch_forward(peft_load(model, out), ids, mask).logits.numpy()
+    fn = functools.partial(classifier_logits, config=config)
+    got = np.asarray(jax.jit(jl.adapt(fn))(params, adapters, ids, mask))
+    np.testing.assert_allclose(got, expected, **TOL)
+    # the import holds the whole module in full: the same function of the same numbers
+    back = jl.import_peft(out, params, names, prefix="encoder")
+    assert sorted(jl.adapters.full_leaves(back)) == ["head/bias", "head/kernel"]
+    np.testing.assert_array_equal(back["__full__"]["head"]["bias"], params["head"]["bias"])
+
+
+def test_stacked_and_lm_head_leaves_trained_in_full(tmp_root, tmp_path):
+    model, config, params = load_llama(tmp_root, scan=True)
+    ids, mask = random_batch(11, config.vocab_size)
+    like = (functools.partial(llama.apply, config=config), ids)
+    method = jl.compose(
+        jl.lora(rank=2, alpha=4.0, targets=r".*(q|v)_proj/kernel"),
+        jl.full(targets=r"(lm_head|layers/mlp/down_proj)/kernel"),  # (L, d_in, d_out) too
+    )
+    adapters = randomize(method.init(jax.random.key(0), params, like=like), jax.random.key(1))
+    names = jl.hf_module_names(config)
+    out = jl.export_peft(tmp_path / "peft", adapters, names, task_type="CAUSAL_LM")
+    saved = json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == ["lm_head"] + [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    expected = torch_forward(peft_load(model, out), ids, mask).logits.numpy()
+    assert_close_on_real_tokens(llama_logits(params, adapters, config, ids, mask), expected, mask)
+    _assert_same_adapters(jl.import_peft(out, params, names), adapters)

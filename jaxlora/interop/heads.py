@@ -86,13 +86,12 @@ def unrooted_hint(paths: Sequence[str], module_names: ModuleNames) -> str:
     return ""
 
 
-def _module_of(path: str, module_names: ModuleNames) -> tuple[str, tuple[str, ...], str]:
-    """``(jax module path, torch module names, jax leaf name)`` of full leaf ``path``."""
+def _module_of(path: str, module_names: ModuleNames) -> tuple[str, str | Sequence[str], str]:
+    """``(jax module path, torch module name(s), jax leaf name)`` of full leaf ``path``."""
     module, _, leaf = path.rpartition("/")
     for key in (f"{module}/kernel", module):
         if module and key in module_names:
-            names = module_names[key]
-            return module, ((names,) if isinstance(names, str) else tuple(names)), leaf
+            return module, module_names[key], leaf
     raise KeyError(
         f"export_peft: no torch module name for the fully trained leaf {path!r}: the module "
         f"map has neither {module + '/kernel'!r} nor {module!r}; add the module's name in the "
@@ -120,8 +119,21 @@ def _to_torch(path: str, x: np.ndarray, transpose: bool) -> np.ndarray:
     return x.T
 
 
+def _with_frozen_siblings(full: Mapping[str, Any], params: Any) -> dict[str, Any]:
+    """``full`` plus the other leaves of each of its modules, from ``params``: PEFT saves and
+    loads a ``modules_to_save`` module whole (a head's frozen bias included)."""
+    leaves = dict(full)
+    if params is None:
+        return leaves
+    modules = {p.rpartition("/")[0] for p in full}
+    for path, w in flatten(params).items():
+        if path.rpartition("/")[0] in modules and path not in leaves:
+            leaves[path] = w
+    return leaves
+
+
 def export_heads(
-    full: Mapping[str, Any], module_names: ModuleNames, prefix: str
+    full: Mapping[str, Any], module_names: ModuleNames, prefix: str, params: Any = None
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """The tensors of fully trained leaves, keyed as PEFT saves ``modules_to_save``.
 
@@ -129,6 +141,8 @@ def export_heads(
       full: Fully trained leaves by path (``jaxlora.adapters.full_leaves``).
       module_names: The module map (see the module docstring).
       prefix: PEFT's key prefix (``"base_model.model."``).
+      params: The base params, if given: a module's leaves that are not trained in full
+        are written from them, so the module is whole.
 
     Returns:
       ``(tensors, modules)``: the tensors in torch layout, and the torch module names for
@@ -140,19 +154,20 @@ def export_heads(
         entry gives another number of layers.
     """
     tensors: dict[str, np.ndarray] = {}
-    for path, value in full.items():
+    for path, value in _with_frozen_siblings(full, params).items():
         module, names, leaf = _module_of(path, module_names)
         torch_leaf, transpose = _torch_name(path, leaf)
         x = np.asarray(value)
-        if len(names) > 1:  # a scanned stack: one torch module per layer, on the leading axis
+        if isinstance(names, str):
+            names, layers = (names,), [x]
+        else:  # a scanned stack: one torch module per layer, on the leading axis
+            names = tuple(names)
             if x.ndim == 0 or x.shape[0] != len(names):
                 raise ValueError(
                     f"export_peft: fully trained leaf {path!r} is {list(x.shape)} but the module "
                     f"map gives {len(names)} layers for {module!r}"
                 )
             layers = list(x)
-        else:
-            layers = [x]
         for name, layer in zip(names, layers, strict=True):
             tensors[f"{prefix}{name}.{torch_leaf}"] = _to_torch(path, layer, transpose)
     modules = sorted({k[len(prefix) :].rpartition(".")[0] for k in tensors})

@@ -202,6 +202,7 @@ def export_peft(
     task_type: str | None = None,
     use_rslora: bool = False,
     prefix: str | None = None,
+    params: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes adapters in the Hugging Face PEFT format.
@@ -221,8 +222,8 @@ def export_peft(
         :func:`jaxlora.interop.hf_module_names`); a stacked kernel maps to one name per layer.
         A fully trained leaf ``m/x`` takes the module named by ``m/kernel`` or ``m``
         (``{"head": "classifier"}``); its tensor is ``weight`` (a transposed ``kernel``, a
-        ``scale``, an ``embedding``) or ``bias``. PEFT saves and loads whole modules, so
-        train every leaf of a head in full (``jl.full(targets="head/.*")``).
+        ``scale``, an ``embedding``) or ``bias``. PEFT saves and loads whole modules: train
+        every leaf of a head in full (``jl.full(targets="head/.*")``), or pass ``params``.
       base_model_name_or_path: Recorded in the config (PEFT loads the base from it when
         asked to).
       task_type: PEFT's task type (``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``, ...);
@@ -232,6 +233,9 @@ def export_peft(
         the backbone sits inside a wrapping tree (``"encoder"`` for
         ``{"encoder": backbone, "head": head}``); keys that already name a path of the tree
         (the head) are used as they are.
+      params: The base params. Only read for a module some of whose leaves are trained in
+        full: its other leaves (a frozen bias) are written from them, so PEFT finds the
+        whole module.
       overwrite: Replace an existing ``directory`` (only after the new one is complete).
 
     Returns:
@@ -272,7 +276,7 @@ def export_peft(
     module_names = rooted(module_names, prefix, [*nodes, *full])
     fmt = _format_of(nodes)
     tensors, config = fmt.export(adapters, nodes, module_names, use_rslora=use_rslora)
-    head_tensors, heads = export_heads(full, module_names, PREFIX)
+    head_tensors, heads = export_heads(full, module_names, PREFIX, params)
     tensors.update(head_tensors)
     config.update(
         peft_type=fmt.peft_type,
