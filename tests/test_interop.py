@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -557,3 +558,19 @@ def test_stacked_and_lm_head_leaves_trained_in_full(tmp_root, tmp_path):
     expected = torch_forward(peft_load(model, out), ids, mask).logits.numpy()
     assert_close_on_real_tokens(llama_logits(params, adapters, config, ids, mask), expected, mask)
     _assert_same_adapters(jl.import_peft(out, params, names), adapters)
+
+
+def test_readme_classifier_interop_block_runs(tmp_root, tmp_path):
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"- A classifier: heads trained.*?```python\n(.*?)```", text, re.S)
+    assert block is not None, "README's interop section has no classifier block"
+    _, config, params = load_classifier(tmp_root)
+    method = jl.compose(jl.lora(rank=2, targets="all-linear"), jl.full(targets="head/.*"))
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
+    scope = dict(jl=jl, config=config, params=params, adapters=adapters)
+    scope.update(out=tmp_path / "peft", out_merged=tmp_path / "merged")
+    exec(compile(textwrap.dedent(block.group(1)), "README.md", "exec"), scope)
+    _assert_same_adapters(scope["adapters"], adapters)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
