@@ -574,3 +574,25 @@ def test_readme_classifier_interop_block_runs(tmp_root, tmp_path):
     exec(compile(textwrap.dedent(block.group(1)), "README.md", "exec"), scope)
     _assert_same_adapters(scope["adapters"], adapters)
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_import_heads_checks_them_against_params(tmp_path):
+    params = {
+        "encoder": {"dense": {"kernel": jnp.ones((4, 3))}},
+        "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))},
+    }
+    method = jl.compose(jl.lora(rank=2, targets="encoder/.*"), jl.full(targets="head/.*"))
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
+    names = {"dense/kernel": "fc", "head": "classifier"}
+    out = jl.export_peft(tmp_path / "a", adapters, names, prefix="encoder")
+    _assert_same_adapters(jl.import_peft(out, params, names, prefix="encoder"), adapters)
+
+    wider = {**params, "head": {"kernel": jnp.ones((3, 5)), "bias": jnp.zeros((2,))}}
+    with pytest.raises(ValueError, match=r"'head/kernel' are \[3, 2\].*params hold \[3, 5\]"):
+        jl.import_peft(out, wider, names, prefix="encoder")
+    no_bias = {**params, "head": {"kernel": jnp.ones((3, 2))}}
+    with pytest.raises(ValueError, match=r"classifier\.bias' fits no single leaf of 'head'"):
+        jl.import_peft(out, no_bias, names, prefix="encoder")
+    # the bare map without prefix=: the error says which prefix fits
+    with pytest.raises(ValueError, match="under 'encoder': pass prefix='encoder'"):
+        jl.import_peft(out, params, names)

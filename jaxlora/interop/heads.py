@@ -20,11 +20,12 @@ import collections
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.keypaths import flatten
 
-__all__ = ["export_heads", "import_heads", "is_head_tensor", "rooted"]
+__all__ = ["absent_paths", "export_heads", "import_heads", "is_head_tensor", "rooted"]
 
 ModuleNames = Mapping[str, str | Sequence[str]]
 
@@ -68,11 +69,35 @@ def rooted(module_names: ModuleNames, prefix: str | None, paths: Sequence[str]) 
             f"prefix {prefix!r} matches nothing: no path of the tree lies under "
             f"{prefix + '/'!r}; its top-level keys are {tops}"
         )
-    in_tree = set()
+    in_tree = _ancestors(paths)
+    return {(k if k in in_tree else f"{prefix}/{k}"): v for k, v in module_names.items()}
+
+
+def _ancestors(paths: Sequence[str]) -> set[str]:
+    """Every path in ``paths`` and every path above one (a quantized kernel's own leaves
+    lie under the kernel's path)."""
+    out = set()
     for p in paths:
         parts = p.split("/")
-        in_tree.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    return {(k if k in in_tree else f"{prefix}/{k}"): v for k, v in module_names.items()}
+        out.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return out
+
+
+def absent_paths(wanted: Sequence[str], paths: Sequence[str]) -> str:
+    """An error message for the ``wanted`` paths that are not in the tree, or ``""``."""
+    in_tree = _ancestors(paths)
+    absent = sorted(w for w in wanted if w not in in_tree)
+    if not absent:
+        return ""
+    for w in absent:
+        for p in sorted(in_tree):
+            if p.endswith("/" + w):
+                sub = p[: -len(w) - 1]
+                return (
+                    f"the module map's paths {absent[:3]} are not in params, which hold them "
+                    f"under {sub!r}: pass prefix={sub!r}"
+                )
+    return f"the module map's paths {absent[:3]} are not in params"
 
 
 def unrooted_hint(paths: Sequence[str], module_names: ModuleNames) -> str:
@@ -256,5 +281,5 @@ def import_heads(
                 f"import_peft: the modules_to_save tensors of {path!r} are {list(x.shape)} (as "
                 f"JAX), but params hold {list(base.shape)} there"
             )
-        out[path] = x.astype(base.dtype)
+        out[path] = jnp.asarray(x, base.dtype)
     return out

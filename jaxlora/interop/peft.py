@@ -31,7 +31,14 @@ import numpy as np
 
 from jaxlora.adapters import FULL_KEY, Adapter, adapter_nodes, full_leaves
 from jaxlora.interop import files
-from jaxlora.interop.heads import export_heads, import_heads, is_head_tensor, rooted, unrooted_hint
+from jaxlora.interop.heads import (
+    absent_paths,
+    export_heads,
+    import_heads,
+    is_head_tensor,
+    rooted,
+    unrooted_hint,
+)
 from jaxlora.keypaths import flatten, nest
 from jaxlora.targets import KernelLayout, Target, TargetsLike, select
 
@@ -414,13 +421,17 @@ def import_peft(
     config = _read_config(directory)
     tensors = files.load_safetensors(directory / WEIGHTS_NAME)
     fmt = _checked_format(config)
-    module_names = rooted(module_names, prefix, list(flatten(params)))
+    paths = list(flatten(params))
+    module_names = rooted(module_names, prefix, paths)
     saved = config.get("modules_to_save") or []
     heads = {k: v for k, v in tensors.items() if is_head_tensor(k, saved, PREFIX)}
     tensors = {k: v for k, v in tensors.items() if k not in heads}
     where = _module_index(module_names)
     per_module = _by_module(tensors, fmt, where, directory / WEIGHTS_NAME)
     by_path = _by_kernel(per_module, where)
+    absent = absent_paths(sorted(by_path), paths)
+    if absent:
+        raise ValueError(f"import_peft: {absent}")
     specs = targets
     if specs is None:
         # a kernel the map names layer by layer is stacked on its leading axis
