@@ -114,20 +114,38 @@ def restore_target(
     return nested
 
 
-def unpack(restored: dict[str, Any], paths: list[Path], abstract: list[Any], slots) -> list:
+def unpack(
+    restored: dict[str, Any], paths: list[Path], abstract: list[Any], slots, on_host=None
+) -> list:
     """The leaves in ``paths`` order: read plainly or sliced out of their packed buffer and
-    placed in the abstract leaf's sharding."""
+    placed in the abstract leaf's sharding.
+
+    Args:
+      on_host: Called with ``{joined path: host array}`` of the packed leaves before they
+        are put on devices (the checksums are verified there).
+    """
     where = packed_slots(slots)
     host: dict[str, np.ndarray] = {}
-    leaves = []
-    for p, a in zip(paths, abstract):
-        hit = where.get("/".join(p))
-        if hit is None:
-            leaves.append(lookup(restored, p))
-            continue
-        dt, off = hit
-        if dt not in host:
-            host[dt] = np.asarray(restored[PACKED][dt])
-        chunk = host[dt][off : off + math.prod(a.shape)].reshape(a.shape)
-        leaves.append(jax.device_put(chunk, a.sharding))
-    return leaves
+    for dt in slots:
+        buf = restored[PACKED][dt]
+        if isinstance(buf, jax.Array) and not buf.is_fully_addressable:
+            buf = buf.addressable_data(0)  # replicated: every process holds all of it
+        host[dt] = np.asarray(buf)
+    chunks: dict[int, np.ndarray] = {}
+    members: dict[str, np.ndarray] = {}
+    for i, (p, a) in enumerate(zip(paths, abstract)):
+        joined = "/".join(p)
+        hit = where.get(joined)
+        if hit is not None:
+            dt, off = hit
+            chunks[i] = members[joined] = host[dt][off : off + math.prod(a.shape)].reshape(a.shape)
+    if on_host is not None and members:
+        on_host(members)
+    order = list(chunks)
+    placed = dict(
+        zip(
+            order,
+            jax.device_put([chunks[i] for i in order], [abstract[i].sharding for i in order]),
+        )
+    )
+    return [placed[i] if i in placed else lookup(restored, p) for i, p in enumerate(paths)]

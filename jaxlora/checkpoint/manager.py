@@ -462,18 +462,24 @@ class CheckpointManager:
         ocp = self._ocp
         meta = {**meta, "manifests": {}, "packed": {}}
         items: dict[str, Any] = {}
+        jobs: list[integrity.Job] = []
         for name, tree in trees.items():
             if tree is None:
                 continue
             paths, leaves, _ = layout.leaf_paths(tree)
             meta["manifests"][name] = layout.manifest(paths, leaves)
-            if self.checksums:
-                sums = meta.setdefault("checksums", {})
-                sums[name] = integrity.checksums(paths, leaves)
-                meta["checksum_algorithm"] = integrity.ALGORITHM
             if leaves:  # orbax cannot write an empty tree (e.g. plain SGD's state)
                 nested, meta["packed"][name] = layout.pack(paths, leaves)
                 items[name] = ocp.args.StandardSave(nested)
+                if self.checksums:  # exactly the host bytes orbax is handed
+                    packed = nested.get(layout.PACKED)
+                    jobs += integrity.host_jobs(name, paths, leaves, packed, meta["packed"][name])
+        if self.checksums:
+            # hashed in worker threads while orbax writes; the step's checksums item
+            # writes the records before the step is finalized
+            meta["checksum_algorithm"] = integrity.ALGORITHM
+            meta["checksums_item"] = integrity.ITEM
+            items[integrity.ITEM] = integrity.ChecksumSave(integrity.start(jobs))
         items[_META] = ocp.args.JsonSave(meta)
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
@@ -614,10 +620,25 @@ class CheckpointManager:
             plans[_BASE] = _plan(_BASE, _base_kernels(base, stored), None, manifests)
         return plans
 
+    def _records(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """The checksum records of a step (``{}`` for a step saved without)."""
+        if meta.get("checksums_item") is None:
+            return meta.get("checksums") or {}  # steps written before the checksums item
+        ocp = self._ocp
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(**{integrity.ITEM: integrity.ChecksumRestore()})
+            )[integrity.ITEM]
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: cannot "
+                f"read its checksums ({type(e).__name__}: {e})"
+            ) from e
+
     def _read(self, step: int, plans: dict[str, _Plan], meta: dict[str, Any]) -> dict:
         """Reads the planned items, unpacks them and verifies their checksums."""
         ocp = self._ocp
-        packed, sums = meta.get("packed", {}), meta.get("checksums") or {}
+        packed = meta.get("packed", {})
         items = {}
         for name, plan in plans.items():
             if plan.paths:
@@ -625,6 +646,9 @@ class CheckpointManager:
                     plan.paths, plan.abstract, packed.get(name, {}), _replicated()
                 )
                 items[name] = ocp.args.StandardRestore(target)
+        verifier = integrity.Verifier(
+            f"checkpoint step {step} in {self.directory}", self._records(step, meta)
+        )
         try:
             restored = (
                 self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
@@ -638,12 +662,21 @@ class CheckpointManager:
         for name, plan in plans.items():
             leaves = []
             if plan.paths:
+                slots = packed.get(name, {})
                 leaves = layout.unpack(
-                    restored[name], plan.paths, plan.abstract, packed.get(name, {})
+                    restored[name],
+                    plan.paths,
+                    plan.abstract,
+                    slots,
+                    # packed arrays are checked on the host buffer as read, in the
+                    # background while they are put on devices
+                    on_host=lambda members, name=name: verifier.host_buffers(name, members),
                 )
-                where = f"checkpoint step {step} in {self.directory}, {name}"
-                integrity.verify(where, plan.paths, leaves, sums.get(name, {}))
+                in_slots = layout.packed_slots(slots)
+                plain = [(p, x) for p, x in zip(plan.paths, leaves) if "/".join(p) not in in_slots]
+                verifier.arrays(name, [p for p, _ in plain], [x for _, x in plain])
             out[name] = jax.tree_util.tree_unflatten(plan.treedef, leaves)
+        verifier.finish()
         return out
 
     def _check_method(self, meta: dict[str, Any], step: int) -> None:
