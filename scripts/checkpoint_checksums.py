@@ -97,7 +97,7 @@ def main(argv=None) -> None:
                 tempfile.TemporaryDirectory() as tmp,
                 jl.CheckpointManager(tmp, async_save=False, checksums=on) as mgr,
             ):
-                save = timed(lambda: mgr.save(i, adapters=adapters, opt_state=opt_state))
+                save = timed(lambda i=i: mgr.save(i, adapters=adapters, opt_state=opt_state))
 
                 def read():
                     st = mgr.restore(adapters=target, opt_state=opt_target)
