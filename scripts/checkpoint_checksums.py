@@ -123,6 +123,9 @@ def main(argv=None) -> None:
             "wall_s": {"with": w_on, "without": w_off, "ratio": w_on / w_off},
             "cpu_s": {"with": c_on, "without": c_off, "ratio": c_on / c_off},
         }
+    out["rounds_ms"] = {
+        k: [[round(w * 1e3, 1), round(c * 1e3, 1)] for w, c in v] for k, v in times.items()
+    }
     out["seconds"] = time.perf_counter() - began
     if args.json:
         print(json.dumps(out, indent=1))

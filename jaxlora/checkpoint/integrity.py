@@ -6,12 +6,12 @@ order, the array's own dtype), keyed by the item and the array's joined key path
 restore recomputes it on what was read and refuses an array whose bytes differ, naming its
 path.
 
-* **What is hashed.** At save, exactly the host bytes handed to orbax: small arrays as their
-  slices of the packed buffer (:mod:`jaxlora.checkpoint.layout`), the others as host views
-  of their device buffers, fetched in one batch (on CPU the view is the buffer itself, no
-  copy). An array this process holds only parts of (a multi-host sharding) is hashed per
-  addressable shard, each keyed by its index (``[[start, stop], ...]`` per axis), only the
-  replica-0 copy of each region, so across processes every region is recorded exactly once.
+* **What is hashed.** At save, the host copy of every array, fetched in one batch of
+  device-to-host copies (on CPU a view of the device buffer, no copy): for small arrays the
+  same copy that is packed and handed to orbax (:mod:`jaxlora.checkpoint.layout`). An array
+  this process holds only parts of (a multi-host sharding) is hashed per addressable shard,
+  each keyed by its index (``[[start, stop], ...]`` per axis), only the replica-0 copy of
+  each region, so across processes every region is recorded exactly once.
 * **Overlapped.** The hashing runs in worker threads (``zlib.crc32`` releases the GIL)
   while orbax writes, and the records are written by the step's own ``checksums`` item
   (:class:`ChecksumHandler`) as part of the same atomic step: one JSON file per process,
@@ -115,53 +115,38 @@ class Job:
     host: Any
 
 
-def _packed_members(paths, leaves, packed, slots) -> dict[str, np.ndarray]:
-    """``{joined path: its slice of the packed host buffer}``, shaped like the leaf."""
-    out = {}
-    shapes = {"/".join(p): np.shape(x) for p, x in zip(paths, leaves, strict=True)}
-    for dt, rows in slots.items():
-        buf = packed[dt]
-        for joined, off in rows:
-            shape = shapes[joined]
-            out[joined] = buf[off : off + math.prod(shape)].reshape(shape)
-    return out
-
-
 def host_jobs(
-    item: str,
-    paths: list[tuple[str, ...]],
-    leaves: list[Any],
-    packed: dict[str, np.ndarray] | None = None,
-    slots: dict[str, list] | None = None,
+    item: str, paths: list[tuple[str, ...]], leaves: list[Any], host: list[Any]
 ) -> list[Job]:
     """The buffers of one item to hash at save, as host arrays taken now.
 
-    Packed leaves are hashed as their slices of ``packed`` (what orbax writes); the others
-    as host copies fetched in one batch. An array this process holds only parts of gives
-    one job per replica-0 addressable shard. Taking the host views before returning makes
-    the hashing safe against the caller donating the arrays right after ``save``.
+    Args:
+      item: The item's name (``"adapters"``).
+      paths: The leaves' key paths.
+      leaves: The leaves.
+      host: Each leaf's host copy (:func:`jaxlora.checkpoint.layout.to_host`), ``None``
+        for an array this process holds only parts of: it gives one job per replica-0
+        addressable shard, fetched here in one batch.
+
+    Taking the host copies before ``save`` returns makes the hashing safe against the caller
+    donating the arrays right after.
     """
-    members = _packed_members(paths, leaves, packed or {}, slots or {})
     primary = jax.process_index() == 0  # whole arrays are written by the primary process
     jobs: list[Job] = []
-    fetch: list[tuple[Job, Any]] = []
-    for p, x in zip(paths, leaves, strict=True):
+    shards: list[tuple[Job, Any]] = []
+    for p, x, h in zip(paths, leaves, host, strict=True):
         joined = "/".join(p)
-        if joined in members:
+        if h is not None:
             if primary:
-                jobs.append(Job(item, joined, None, members[joined]))
-        elif isinstance(x, jax.Array) and not x.is_fully_addressable:
-            for shard in x.addressable_shards:
-                if shard.replica_id == 0:
-                    job = Job(item, joined, _index(shard.index, x.shape), None)
-                    fetch.append((job, shard.data))
-        elif primary:
-            fetch.append((Job(item, joined, None, None), x))
-    for _, x in fetch:  # start every device->host copy before waiting for any
-        if isinstance(x, jax.Array):
-            x.copy_to_host_async()
-    for job, x in fetch:
-        job.host = np.asarray(x)
+                jobs.append(Job(item, joined, None, h))
+            continue
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                shards.append((Job(item, joined, _index(shard.index, x.shape), None), shard.data))
+    for _, data in shards:  # start every device->host copy before waiting for any
+        data.copy_to_host_async()
+    for job, data in shards:
+        job.host = np.asarray(data)
         jobs.append(job)
     return jobs
 

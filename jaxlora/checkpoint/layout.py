@@ -29,6 +29,7 @@ __all__ = [
     "pack",
     "packed_slots",
     "restore_target",
+    "to_host",
     "unpack",
 ]
 
@@ -57,18 +58,39 @@ def _nbytes(x: Any) -> int:
     return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
-def pack(paths: list[Path], leaves: list[Any]) -> tuple[dict[str, Any], dict[str, list]]:
+def to_host(leaves: list[Any], small_only: bool = False) -> list[np.ndarray | None]:
+    """Host copies of the leaves this process holds in full (``None`` for the others, and
+    with ``small_only`` for those too large to pack), fetched in one batch: every
+    device-to-host copy is started before any is waited for. On CPU the copy is a view of
+    the device buffer."""
+    local = [
+        (not isinstance(x, jax.Array) or x.is_fully_addressable)
+        and (not small_only or _nbytes(x) <= PACK_LIMIT)
+        for x in leaves
+    ]
+    for x, ok in zip(leaves, local, strict=True):
+        if ok and isinstance(x, jax.Array):
+            x.copy_to_host_async()
+    return [np.asarray(x) if ok else None for x, ok in zip(leaves, local, strict=True)]
+
+
+def pack(
+    paths: list[Path], leaves: list[Any], host: list[Any] | None = None
+) -> tuple[dict[str, Any], dict[str, list]]:
     """The nested dict for orbax, and ``{dtype: [[joined path, offset], ...]}`` of the packed.
 
-    Packing copies the small arrays to the host (they are small); arrays another process
-    holds parts of are left alone.
+    Packing copies the small arrays to the host (they are small), from ``host`` (their
+    :func:`to_host` copies) when given; arrays another process holds parts of are left
+    alone.
     """
     plain: dict[Path, Any] = {}
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for path, x in zip(paths, leaves, strict=True):
+    host = [None] * len(leaves) if host is None else host
+    for path, x, h in zip(paths, leaves, host, strict=True):
         local = not isinstance(x, jax.Array) or x.is_fully_addressable
         if _nbytes(x) <= PACK_LIMIT and local:
-            groups.setdefault(np.dtype(x.dtype).name, []).append(("/".join(path), np.asarray(x)))
+            h = np.asarray(x) if h is None else h
+            groups.setdefault(np.dtype(x.dtype).name, []).append(("/".join(path), h))
         else:
             plain[path] = x
     nested = nest(plain)

@@ -462,6 +462,7 @@ class CheckpointManager:
         ocp = self._ocp
         meta = {**meta, "manifests": {}, "packed": {}}
         items: dict[str, Any] = {}
+        flat = {}
         jobs: list[integrity.Job] = []
         for name, tree in trees.items():
             if tree is None:
@@ -469,17 +470,20 @@ class CheckpointManager:
             paths, leaves, _ = layout.leaf_paths(tree)
             meta["manifests"][name] = layout.manifest(paths, leaves)
             if leaves:  # orbax cannot write an empty tree (e.g. plain SGD's state)
-                nested, meta["packed"][name] = layout.pack(paths, leaves)
-                items[name] = ocp.args.StandardSave(nested)
-                if self.checksums:  # exactly the host bytes orbax is handed
-                    packed = nested.get(layout.PACKED)
-                    jobs += integrity.host_jobs(name, paths, leaves, packed, meta["packed"][name])
+                # without checksums only the arrays to pack are needed on the host
+                host = layout.to_host(leaves, small_only=not self.checksums)
+                flat[name] = paths, leaves, host
+                if self.checksums:
+                    jobs += integrity.host_jobs(name, paths, leaves, host)
         if self.checksums:
-            # hashed in worker threads while orbax writes; the step's checksums item
-            # writes the records before the step is finalized
+            # hashed in worker threads while the arrays are packed and orbax writes them;
+            # the step's checksums item writes the records before the step is finalized
             meta["checksum_algorithm"] = integrity.ALGORITHM
             meta["checksums_item"] = integrity.ITEM
             items[integrity.ITEM] = integrity.ChecksumSave(integrity.start(jobs))
+        for name, (paths, leaves, host) in flat.items():
+            nested, meta["packed"][name] = layout.pack(paths, leaves, host)
+            items[name] = ocp.args.StandardSave(nested)
         items[_META] = ocp.args.JsonSave(meta)
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
@@ -620,21 +624,6 @@ class CheckpointManager:
             plans[_BASE] = _plan(_BASE, _base_kernels(base, stored), None, manifests)
         return plans
 
-    def _records(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
-        """The checksum records of a step (``{}`` for a step saved without)."""
-        if meta.get("checksums_item") is None:
-            return meta.get("checksums") or {}  # steps written before the checksums item
-        ocp = self._ocp
-        try:
-            return self._manager.restore(
-                step, args=ocp.args.Composite(**{integrity.ITEM: integrity.ChecksumRestore()})
-            )[integrity.ITEM]
-        except Exception as e:
-            raise CorruptCheckpointError(
-                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: cannot "
-                f"read its checksums ({type(e).__name__}: {e})"
-            ) from e
-
     def _read(self, step: int, plans: dict[str, _Plan], meta: dict[str, Any]) -> dict:
         """Reads the planned items, unpacks them and verifies their checksums."""
         ocp = self._ocp
@@ -646,9 +635,9 @@ class CheckpointManager:
                     plan.paths, plan.abstract, packed.get(name, {}), _replicated()
                 )
                 items[name] = ocp.args.StandardRestore(target)
-        verifier = integrity.Verifier(
-            f"checkpoint step {step} in {self.directory}", self._records(step, meta)
-        )
+        records = meta.get("checksums") or {}  # steps written before the checksums item
+        if items and meta.get("checksums_item") is not None:
+            items[integrity.ITEM] = integrity.ChecksumRestore()
         try:
             restored = (
                 self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
@@ -658,6 +647,10 @@ class CheckpointManager:
                 f"checkpoint step {step} in {self.directory} is corrupt or incomplete: its "
                 f"{', '.join(items)} cannot be read ({type(e).__name__}: {e})"
             ) from e
+        verifier = integrity.Verifier(
+            f"checkpoint step {step} in {self.directory}",
+            restored[integrity.ITEM] if integrity.ITEM in items else records,
+        )
         out = {}
         for name, plan in plans.items():
             leaves = []
