@@ -23,7 +23,12 @@ import pytest
 from jl_testing import randomize
 
 import jaxlora as jl
-from jaxlora.checkpoint import CheckpointError, CheckpointManager, CorruptCheckpointError
+from jaxlora.checkpoint import (
+    PACK_LIMIT,
+    CheckpointError,
+    CheckpointManager,
+    CorruptCheckpointError,
+)
 from jaxlora.keypaths import path_tuple
 
 HERE = Path(__file__).parent
@@ -102,6 +107,25 @@ def test_a_flipped_byte_is_refused_naming_the_array(tmp_path, item, where):
         assert "checksum" in msg or "cannot be read" in msg, msg
 
 
+def test_a_flipped_byte_in_an_unpacked_array_is_refused_naming_it(tmp_path):
+    # an array above PACK_LIMIT is written by orbax as its own array, not packed
+    params = {"big": {"kernel": jnp.zeros((8192, 64))}, "small": {"kernel": jnp.zeros((32, 32))}}
+    method = jl.lora(rank=16, targets=".*kernel")
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
+    assert adapters["big"]["kernel"].a.nbytes > PACK_LIMIT
+    with CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save(1, adapters=adapters)
+    target = jax.eval_shape(method.init, jax.random.key(0), params)
+    with CheckpointManager(tmp_path) as mgr:
+        assert_trees_equal(mgr.restore(adapters=target).adapters, adapters)
+    flip(data_files(tmp_path / "1" / "adapters")[0], 0.3)
+    with (
+        CheckpointManager(tmp_path) as mgr,
+        pytest.raises(CorruptCheckpointError, match=r"checksum mismatch.* big/kernel/a \(crc32"),
+    ):
+        mgr.restore(adapters=target)
+
+
 def test_fallback_walks_back_to_the_newest_intact_step(tmp_path):
     save_steps(tmp_path, [1, 2, 3])
     flip(data_files(tmp_path / "3" / "adapters")[0], 0.5)
@@ -157,6 +181,22 @@ def test_a_checksum_file_that_is_lost_is_refused(tmp_path):
         restore(tmp_path)
     with pytest.warns(UserWarning, match="restored step 1"):
         assert restore(tmp_path, fallback=True).step == 1
+
+
+def test_steps_with_checksums_in_their_metadata_are_still_verified(tmp_path):
+    # how jaxlora 0.1 wrote them: the records inside the step's JSON metadata
+    save_steps(tmp_path, [1])
+    meta_file = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    sums_dir = tmp_path / "1" / "checksums"
+    meta["checksums"] = json.loads((sums_dir / "process_0.json").read_text())
+    del meta["checksums_item"]
+    meta_file.write_text(json.dumps(meta))
+    shutil.rmtree(sums_dir)
+    restore(tmp_path)  # intact
+    flip(data_files(tmp_path / "1" / "opt_state")[0], 0.5)
+    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*opt_state"):
+        restore(tmp_path)
 
 
 def test_save_hashes_host_copies_taken_before_it_returns(tmp_path):
