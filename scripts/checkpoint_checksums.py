@@ -29,7 +29,7 @@ import optax
 
 import jaxlora as jl
 from jaxlora import assets
-from jaxlora.checkpoint import array_bytes
+from jaxlora.checkpoint import array_bytes, integrity, layout
 from jaxlora.models.loaders import load_llama_gguf
 
 
@@ -111,11 +111,18 @@ def main(argv=None) -> None:
         k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
         for k, v in times.items()
     }
+    # the hashing alone, as save does it (host copies, then CRCs in the worker threads)
+    jobs = []
+    for name, tree in [("adapters", adapters), ("opt_state", opt_state)]:
+        paths, leaves, _ = layout.leaf_paths(tree)
+        jobs += integrity.host_jobs(name, paths, leaves, layout.to_host(leaves))
+    hash_cpu = statistics.median(timed(lambda: integrity.start(jobs).result())[1] for _ in range(5))
     out = {
         "machine": f"{load_before} before, {machine_load()} after",
         "bytes_hashed": hashed,
         "crc32_bytes_per_s": crc32_throughput(hashed, 5),
         "repeats": args.repeats,
+        "hash_cpu_s": hash_cpu,
     }
     for op in ("save", "restore"):
         (w_on, c_on), (w_off, c_off) = med[f"{op}_on"], med[f"{op}_off"]
@@ -133,6 +140,10 @@ def main(argv=None) -> None:
     print(f"machine: {out['machine']}")
     print(f"bytes hashed per step: {hashed / 2**20:.1f} MiB (adapters + Adam moments)")
     print(f"CRC-32 throughput, one buffer: {out['crc32_bytes_per_s'] / 2**30:.2f} GiB/s")
+    print(
+        f"hashing alone: {hash_cpu * 1e3:.1f} ms CPU, "
+        f"{hash_cpu / med['save_off'][1] * 100:.1f}% of a save's CPU without checksums"
+    )
     print(f"medians of {args.repeats} alternating rounds (with / without checksums):")
     for op in ("save", "restore"):
         for kind in ("wall_s", "cpu_s"):

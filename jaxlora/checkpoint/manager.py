@@ -198,9 +198,10 @@ class CheckpointManager:
         stored compact when its method says that is exact (VeRA: the key only).
       store_base: Store the targeted base kernels passed to :meth:`save` as ``base`` (set
         it to ``recipe.moves_base``: only a method that moves the base needs them).
-      checksums: Record a CRC-32 of every array in the step's metadata and verify it on
-        restore (:mod:`jaxlora.checkpoint.integrity`). Steps saved without are restored
-        unverified.
+      checksums: Record a CRC-32 of every array (of every addressable shard, for arrays
+        split over processes) with the step and verify it on restore
+        (:mod:`jaxlora.checkpoint.integrity`). The hashing overlaps orbax's write. Steps
+        saved without are restored unverified.
       read_only: Only list, inspect and restore: take no writer lock (so a directory that
         another process is writing can be watched) and refuse :meth:`save`.
 
