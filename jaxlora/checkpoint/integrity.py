@@ -14,7 +14,7 @@ path.
   each region, so across processes every region is recorded exactly once.
 * **Overlapped.** The hashing runs in worker threads (``zlib.crc32`` releases the GIL)
   while orbax writes, and the records are written by the step's own ``checksums`` item
-  (:class:`ChecksumHandler`) as part of the same atomic step: one JSON file per process,
+  (a JSON handler of its own) as part of the same atomic step: one JSON file per process,
   merged on restore. A step is listed only after its checksums are on disk.
 * **Restore.** Packed arrays are verified on the host buffer as read, before they are put on
   devices, concurrently with that placement; the others on host views of the restored
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,12 +47,13 @@ from jaxlora.checkpoint.errors import CheckpointError, CorruptCheckpointError
 
 __all__ = [
     "ALGORITHM",
-    "ChecksumHandler",
-    "ChecksumRestore",
-    "ChecksumSave",
+    "ITEM",
+    "Verifier",
     "checksum",
     "host_jobs",
     "merge_records",
+    "restore_args",
+    "save_args",
     "start",
     "verify",
 ]
@@ -66,14 +68,18 @@ Index = list[list[int]]
 """A shard's region: ``[start, stop]`` per axis."""
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+@functools.cache
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="jaxlora-crc")
-    return _pool
+    """The hashing threads (``zlib.crc32`` releases the GIL on buffers over 5 KiB)."""
+    return concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="jaxlora-crc")
+
+
+@functools.cache
+def _starter() -> concurrent.futures.ThreadPoolExecutor:
+    """Runs :func:`start`'s task, which waits on the hashing threads (so not one of them)."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxlora-sums")
 
 
 def _crc(host: np.ndarray) -> str:
@@ -186,16 +192,10 @@ def _records(jobs: list[Job]) -> dict[str, dict[str, Any]]:
     return out
 
 
-_starter: concurrent.futures.ThreadPoolExecutor | None = None
-
-
 def start(jobs: list[Job]) -> concurrent.futures.Future:
     """Hashes ``jobs`` in the background; the future gives ``{item: {path: record}}``,
     a record being a CRC string (whole array) or a list of ``[index, crc]`` (shards)."""
-    global _starter
-    if _starter is None:  # not the hashing pool: this task waits on that pool
-        _starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxlora-sums")
-    return _starter.submit(_records, jobs)
+    return _starter().submit(_records, jobs)
 
 
 def merge_records(per_process: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict]:
@@ -218,50 +218,55 @@ def merge_records(per_process: Iterable[dict[str, dict[str, Any]]]) -> dict[str,
 # -- the step item that holds the records
 
 
-def _json_handler():
+@functools.cache
+def _orbax_types() -> tuple[type, type, type]:
+    """``(ChecksumHandler, save args, restore args)``, made on first use so that importing
+    jaxlora does not import orbax."""
     import orbax.checkpoint as ocp
 
-    return ocp.handlers.JsonCheckpointHandler
+    class ChecksumHandler(ocp.handlers.JsonCheckpointHandler):
+        """Writes this process's records as ``process_<i>.json`` once they are computed, and
+        restores every process's records merged.
 
+        orbax's JSON handler runs ``_save_fn`` in the step's commit phase (a background
+        thread, on every process), and the step is finalized only after every commit is
+        done: so a listed step always has its records (tests check the file).
+        """
 
-class ChecksumHandler(_json_handler()):
-    """Writes this process's checksum records as ``process_<i>.json`` once they are computed
-    (in orbax's commit phase, so the step is finalized only after they are on disk), and
-    restores every process's records merged."""
+        async def _save_fn(self, x, directory):
+            records = await asyncio.wrap_future(x)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(records))
 
-    async def _save_fn(self, x, directory):
-        records = await asyncio.wrap_future(x)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(records))
-
-    def restore(self, directory, item=None, args=None):
-        files = sorted(directory.glob("process_*.json"), key=lambda f: int(f.stem.split("_", 1)[1]))
-        if not files:
-            raise FileNotFoundError(f"no checksum records in {directory}")
-        return merge_records(json.loads(f.read_text()) for f in files)
-
-
-def _register():
-    import orbax.checkpoint as ocp
+        def restore(self, directory, item=None, args=None):
+            files = sorted(
+                directory.glob("process_*.json"), key=lambda f: int(f.stem.split("_", 1)[1])
+            )
+            if not files:
+                raise FileNotFoundError(f"no checksum records in {directory}")
+            return merge_records(json.loads(f.read_text()) for f in files)
 
     @ocp.args.register_with_handler(ChecksumHandler, for_save=True)
     @dataclasses.dataclass
     class ChecksumSave(ocp.args.CheckpointArgs):
-        """Save args of the checksums item: ``item`` is the future of :func:`start`."""
-
-        item: Any
+        item: Any  # the future of start()
 
     @ocp.args.register_with_handler(ChecksumHandler, for_restore=True)
     @dataclasses.dataclass
     class ChecksumRestore(ocp.args.CheckpointArgs):
-        """Restore args of the checksums item."""
-
         item: Any = None
 
-    return ChecksumSave, ChecksumRestore
+    return ChecksumHandler, ChecksumSave, ChecksumRestore
 
 
-ChecksumSave, ChecksumRestore = _register()
+def save_args(records: concurrent.futures.Future) -> Any:
+    """orbax save args of the step's checksums item, from the future of :func:`start`."""
+    return _orbax_types()[1](records)
+
+
+def restore_args() -> Any:
+    """orbax restore args of the step's checksums item (gives the merged records)."""
+    return _orbax_types()[2]()
 
 
 # -- restore

@@ -481,7 +481,7 @@ class CheckpointManager:
             # the step's checksums item writes the records before the step is finalized
             meta["checksum_algorithm"] = integrity.ALGORITHM
             meta["checksums_item"] = integrity.ITEM
-            items[integrity.ITEM] = integrity.ChecksumSave(integrity.start(jobs))
+            items[integrity.ITEM] = integrity.save_args(integrity.start(jobs))
         for name, (paths, leaves, host) in flat.items():
             nested, meta["packed"][name] = layout.pack(paths, leaves, host)
             items[name] = ocp.args.StandardSave(nested)
@@ -638,7 +638,7 @@ class CheckpointManager:
                 items[name] = ocp.args.StandardRestore(target)
         records = meta.get("checksums") or {}  # steps written before the checksums item
         if items and meta.get("checksums_item") is not None:
-            items[integrity.ITEM] = integrity.ChecksumRestore()
+            items[integrity.ITEM] = integrity.restore_args()
         try:
             restored = (
                 self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
