@@ -6,11 +6,13 @@ per directory (two real processes), and retention that never leaves a half-delet
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import jax
@@ -21,7 +23,13 @@ import pytest
 from jl_testing import randomize
 
 import jaxlora as jl
-from jaxlora.checkpoint import CheckpointError, CheckpointManager, CorruptCheckpointError
+from jaxlora.checkpoint import (
+    PACK_LIMIT,
+    CheckpointError,
+    CheckpointManager,
+    CorruptCheckpointError,
+)
+from jaxlora.keypaths import path_tuple
 
 HERE = Path(__file__).parent
 
@@ -99,6 +107,25 @@ def test_a_flipped_byte_is_refused_naming_the_array(tmp_path, item, where):
         assert "checksum" in msg or "cannot be read" in msg, msg
 
 
+def test_a_flipped_byte_in_an_unpacked_array_is_refused_naming_it(tmp_path):
+    # an array above PACK_LIMIT is written by orbax as its own array, not packed
+    params = {"big": {"kernel": jnp.zeros((8192, 64))}, "small": {"kernel": jnp.zeros((32, 32))}}
+    method = jl.lora(rank=16, targets=".*kernel")
+    adapters = randomize(method.init(jax.random.key(0), params), jax.random.key(1))
+    assert adapters["big"]["kernel"].a.nbytes > PACK_LIMIT
+    with CheckpointManager(tmp_path, async_save=False) as mgr:
+        mgr.save(1, adapters=adapters)
+    target = jax.eval_shape(method.init, jax.random.key(0), params)
+    with CheckpointManager(tmp_path) as mgr:
+        assert_trees_equal(mgr.restore(adapters=target).adapters, adapters)
+    flip(data_files(tmp_path / "1" / "adapters")[0], 0.3)
+    with (
+        CheckpointManager(tmp_path) as mgr,
+        pytest.raises(CorruptCheckpointError, match=r"checksum mismatch.* big/kernel/a \(crc32"),
+    ):
+        mgr.restore(adapters=target)
+
+
 def test_fallback_walks_back_to_the_newest_intact_step(tmp_path):
     save_steps(tmp_path, [1, 2, 3])
     flip(data_files(tmp_path / "3" / "adapters")[0], 0.5)
@@ -130,12 +157,61 @@ def test_every_step_corrupt_raises(tmp_path):
         restore(tmp_path, fallback=True)
 
 
-def test_checksums_are_in_the_metadata(tmp_path):
+def test_every_array_has_a_checksum_in_the_step(tmp_path):
     save_steps(tmp_path, [1])
     with CheckpointManager(tmp_path) as mgr:
-        sums = mgr.metadata(1)["checksums"]
+        assert mgr.metadata(1)["checksum_algorithm"] == "crc32"
+    # written by the step's own item, one file per process, so it is atomic with the step
+    sums = json.loads((tmp_path / "1" / "checksums" / "process_0.json").read_text())
     assert set(sums) == {"adapters", "opt_state"}
-    assert "l1/kernel/a" in sums["adapters"] and "l2/kernel/b" in sums["adapters"]
+    adapters, opt_state = state(1)
+    for name, tree in [("adapters", adapters), ("opt_state", opt_state)]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        want = {
+            "/".join(path_tuple(kp, unbox=False)): f"{zlib.crc32(np.asarray(x).tobytes()):08x}"
+            for kp, x in flat
+        }
+        assert sums[name] == want  # an independent CRC of every array's C-order bytes
+
+
+def test_a_checksum_file_that_is_lost_is_refused(tmp_path):
+    save_steps(tmp_path, [1, 2])
+    (tmp_path / "2" / "checksums" / "process_0.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match=r"step 2 .*checksums cannot be read"):
+        restore(tmp_path)
+    with pytest.warns(UserWarning, match="restored step 1"):
+        assert restore(tmp_path, fallback=True).step == 1
+
+
+def test_steps_with_checksums_in_their_metadata_are_still_verified(tmp_path):
+    # how jaxlora 0.1 wrote them: the records inside the step's JSON metadata
+    save_steps(tmp_path, [1])
+    meta_file = tmp_path / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    sums_dir = tmp_path / "1" / "checksums"
+    meta["checksums"] = json.loads((sums_dir / "process_0.json").read_text())
+    del meta["checksums_item"]
+    meta_file.write_text(json.dumps(meta))
+    shutil.rmtree(sums_dir)
+    restore(tmp_path)  # intact
+    flip(data_files(tmp_path / "1" / "opt_state")[0], 0.5)
+    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*opt_state"):
+        restore(tmp_path)
+
+
+def test_save_hashes_host_copies_taken_before_it_returns(tmp_path):
+    # the caller may donate its arrays as soon as save() returns (async save)
+    adapters, opt_state = state(1)
+    step = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x * 0 + 7, t), donate_argnums=0)
+    with CheckpointManager(tmp_path, async_save=True) as mgr:
+        mgr.save(1, adapters=adapters, opt_state=opt_state)
+        adapters = step(adapters)
+        opt_state = step(opt_state)
+        mgr.wait()
+    st = restore(tmp_path)  # verified against what was saved
+    want, want_opt = state(1)
+    assert_trees_equal(st.adapters, want)
+    assert_trees_equal(st.opt_state, want_opt)
 
 
 # -- NaN-safe retention

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -134,3 +135,56 @@ def test_launcher_dry_run(capsys):
     ]
     with pytest.raises(SystemExit):
         launch.main(["local", "-n", "2"])
+
+
+CKPT_WORKER = ROOT / "tests" / "_ckpt_multihost.py"
+
+
+def _launch_ckpt(mode: str, directory: pathlib.Path) -> str:
+    cmd = [sys.executable, str(LAUNCH), "local", "-n", "2", "--cpu-devices", "2"]
+    cmd += ["--timeout", "150", "--", sys.executable, str(CKPT_WORKER), mode, str(directory)]
+    # the workers import this checkout's jaxlora, whatever is installed
+    return _run(cmd, timeout=170, PYTHONPATH=str(ROOT))
+
+
+def _flip_bytes_of(item_dir: pathlib.Path, head: bytes) -> list[pathlib.Path]:
+    """Flips a byte inside every stored copy of ``head`` (an array region's first bytes):
+    orbax keeps each process's own file and copies its data into the merged database that
+    restore reads."""
+    flipped = []
+    for path in sorted(p for p in item_dir.rglob("*") if p.is_file()):
+        raw = bytearray(path.read_bytes())
+        at = raw.find(head)
+        if at >= 0:
+            raw[at + 5] ^= 0x5A
+            path.write_bytes(bytes(raw))
+            flipped.append(path)
+    assert flipped, f"no file under {item_dir} holds the bytes {head.hex()}"
+    return flipped
+
+
+def test_multihost_checkpoints_are_checksummed_per_shard(tmp_path):
+    import json
+
+    out = _launch_ckpt("save", tmp_path)
+    for layout in ("fsdp onto fsdp", "fsdp onto reversed devices", "fsdp onto replicated"):
+        assert f"[0] restored {layout}" in out and f"[1] restored {layout}" in out, out
+    assert "[0] restored repl onto fsdp" in out and "[0] OK 0" in out and "[1] OK 1" in out
+    # process 1 recorded the regions it holds of each factor, keyed by index
+    qa = "layers/0/attn/q_proj/kernel/a"
+    sums = json.loads((tmp_path / "fsdp" / "1" / "checksums" / "process_1.json").read_text())
+    regions = [index for index, _ in sums["adapters"][qa]]
+    assert regions == [[[128, 192], [0, 16]], [[192, 256], [0, 16]]], regions
+    wrote = dict(re.findall(r"^\[\d\] WROTE (\w+) ([0-9a-f]+)$", out, flags=re.M))
+    assert set(wrote) == {"fsdp", "repl"}, out
+    assert "[1] WROTE fsdp" in out  # a region written by process 1
+    for name, head in wrote.items():
+        flipped = _flip_bytes_of(tmp_path / name / "1" / "adapters", bytes.fromhex(head))
+        if name == "fsdp":
+            assert any("ocdbt.process_1" in str(f) for f in flipped), flipped
+    out = _launch_ckpt("corrupt", tmp_path)
+    for p in ("0", "1"):
+        refused = [line for line in out.splitlines() if line.startswith(f"[{p}] REFUSED")]
+        assert len(refused) == 3, out
+        for line in refused:
+            assert "checksum mismatch" in line and qa in line, line

@@ -29,6 +29,7 @@ __all__ = [
     "pack",
     "packed_slots",
     "restore_target",
+    "to_host",
     "unpack",
 ]
 
@@ -57,18 +58,39 @@ def _nbytes(x: Any) -> int:
     return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
-def pack(paths: list[Path], leaves: list[Any]) -> tuple[dict[str, Any], dict[str, list]]:
+def to_host(leaves: list[Any], small_only: bool = False) -> list[np.ndarray | None]:
+    """Host copies of the leaves this process holds in full (``None`` for the others, and
+    with ``small_only`` for those too large to pack), fetched in one batch: every
+    device-to-host copy is started before any is waited for. On CPU the copy is a view of
+    the device buffer."""
+    local = [
+        (not isinstance(x, jax.Array) or x.is_fully_addressable)
+        and (not small_only or _nbytes(x) <= PACK_LIMIT)
+        for x in leaves
+    ]
+    for x, ok in zip(leaves, local, strict=True):
+        if ok and isinstance(x, jax.Array):
+            x.copy_to_host_async()
+    return [np.asarray(x) if ok else None for x, ok in zip(leaves, local, strict=True)]
+
+
+def pack(
+    paths: list[Path], leaves: list[Any], host: list[Any] | None = None
+) -> tuple[dict[str, Any], dict[str, list]]:
     """The nested dict for orbax, and ``{dtype: [[joined path, offset], ...]}`` of the packed.
 
-    Packing copies the small arrays to the host (they are small); arrays another process
-    holds parts of are left alone.
+    Packing copies the small arrays to the host (they are small), from ``host`` (their
+    :func:`to_host` copies) when given; arrays another process holds parts of are left
+    alone.
     """
     plain: dict[Path, Any] = {}
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for path, x in zip(paths, leaves, strict=True):
+    host = [None] * len(leaves) if host is None else host
+    for path, x, h in zip(paths, leaves, host, strict=True):
         local = not isinstance(x, jax.Array) or x.is_fully_addressable
         if _nbytes(x) <= PACK_LIMIT and local:
-            groups.setdefault(np.dtype(x.dtype).name, []).append(("/".join(path), np.asarray(x)))
+            h = np.asarray(x) if h is None else h
+            groups.setdefault(np.dtype(x.dtype).name, []).append(("/".join(path), h))
         else:
             plain[path] = x
     nested = nest(plain)
@@ -114,20 +136,38 @@ def restore_target(
     return nested
 
 
-def unpack(restored: dict[str, Any], paths: list[Path], abstract: list[Any], slots) -> list:
+def unpack(
+    restored: dict[str, Any], paths: list[Path], abstract: list[Any], slots, on_host=None
+) -> list:
     """The leaves in ``paths`` order: read plainly or sliced out of their packed buffer and
-    placed in the abstract leaf's sharding."""
+    placed in the abstract leaf's sharding.
+
+    Args:
+      on_host: Called with ``{joined path: host array}`` of the packed leaves before they
+        are put on devices (the checksums are verified there).
+    """
     where = packed_slots(slots)
     host: dict[str, np.ndarray] = {}
-    leaves = []
-    for p, a in zip(paths, abstract):
-        hit = where.get("/".join(p))
-        if hit is None:
-            leaves.append(lookup(restored, p))
-            continue
-        dt, off = hit
-        if dt not in host:
-            host[dt] = np.asarray(restored[PACKED][dt])
-        chunk = host[dt][off : off + math.prod(a.shape)].reshape(a.shape)
-        leaves.append(jax.device_put(chunk, a.sharding))
-    return leaves
+    for dt in slots:
+        buf = restored[PACKED][dt]
+        if isinstance(buf, jax.Array) and not buf.is_fully_addressable:
+            buf = buf.addressable_data(0)  # replicated: every process holds all of it
+        host[dt] = np.asarray(buf)
+    chunks: dict[int, np.ndarray] = {}
+    members: dict[str, np.ndarray] = {}
+    for i, (p, a) in enumerate(zip(paths, abstract)):
+        joined = "/".join(p)
+        hit = where.get(joined)
+        if hit is not None:
+            dt, off = hit
+            chunks[i] = members[joined] = host[dt][off : off + math.prod(a.shape)].reshape(a.shape)
+    if on_host is not None and members:
+        on_host(members)
+    order = list(chunks)
+    placed = dict(
+        zip(
+            order,
+            jax.device_put([chunks[i] for i in order], [abstract[i].sharding for i in order]),
+        )
+    )
+    return [placed[i] if i in placed else lookup(restored, p) for i, p in enumerate(paths)]

@@ -198,9 +198,10 @@ class CheckpointManager:
         stored compact when its method says that is exact (VeRA: the key only).
       store_base: Store the targeted base kernels passed to :meth:`save` as ``base`` (set
         it to ``recipe.moves_base``: only a method that moves the base needs them).
-      checksums: Record a CRC-32 of every array in the step's metadata and verify it on
-        restore (:mod:`jaxlora.checkpoint.integrity`). Steps saved without are restored
-        unverified.
+      checksums: Record a CRC-32 of every array (of every addressable shard, for arrays
+        split over processes) with the step and verify it on restore
+        (:mod:`jaxlora.checkpoint.integrity`). The hashing overlaps orbax's write. Steps
+        saved without are restored unverified.
       read_only: Only list, inspect and restore: take no writer lock (so a directory that
         another process is writing can be watched) and refuse :meth:`save`.
 
@@ -462,18 +463,28 @@ class CheckpointManager:
         ocp = self._ocp
         meta = {**meta, "manifests": {}, "packed": {}}
         items: dict[str, Any] = {}
+        flat = {}
+        jobs: list[integrity.Job] = []
         for name, tree in trees.items():
             if tree is None:
                 continue
             paths, leaves, _ = layout.leaf_paths(tree)
             meta["manifests"][name] = layout.manifest(paths, leaves)
-            if self.checksums:
-                sums = meta.setdefault("checksums", {})
-                sums[name] = integrity.checksums(paths, leaves)
-                meta["checksum_algorithm"] = integrity.ALGORITHM
             if leaves:  # orbax cannot write an empty tree (e.g. plain SGD's state)
-                nested, meta["packed"][name] = layout.pack(paths, leaves)
-                items[name] = ocp.args.StandardSave(nested)
+                # without checksums only the arrays to pack are needed on the host
+                host = layout.to_host(leaves, small_only=not self.checksums)
+                flat[name] = paths, leaves, host
+                if self.checksums:
+                    jobs += integrity.host_jobs(name, paths, leaves, host)
+        if self.checksums:
+            # hashed in worker threads while the arrays are packed and orbax writes them;
+            # the step's checksums item writes the records before the step is finalized
+            meta["checksum_algorithm"] = integrity.ALGORITHM
+            meta["checksums_item"] = integrity.ITEM
+            items[integrity.ITEM] = integrity.save_args(integrity.start(jobs))
+        for name, (paths, leaves, host) in flat.items():
+            nested, meta["packed"][name] = layout.pack(paths, leaves, host)
+            items[name] = ocp.args.StandardSave(nested)
         items[_META] = ocp.args.JsonSave(meta)
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
@@ -617,7 +628,7 @@ class CheckpointManager:
     def _read(self, step: int, plans: dict[str, _Plan], meta: dict[str, Any]) -> dict:
         """Reads the planned items, unpacks them and verifies their checksums."""
         ocp = self._ocp
-        packed, sums = meta.get("packed", {}), meta.get("checksums") or {}
+        packed = meta.get("packed", {})
         items = {}
         for name, plan in plans.items():
             if plan.paths:
@@ -625,6 +636,9 @@ class CheckpointManager:
                     plan.paths, plan.abstract, packed.get(name, {}), _replicated()
                 )
                 items[name] = ocp.args.StandardRestore(target)
+        records = meta.get("checksums") or {}  # steps written before the checksums item
+        if items and meta.get("checksums_item") is not None:
+            items[integrity.ITEM] = integrity.restore_args()
         try:
             restored = (
                 self._manager.restore(step, args=ocp.args.Composite(**items)) if items else {}
@@ -634,16 +648,29 @@ class CheckpointManager:
                 f"checkpoint step {step} in {self.directory} is corrupt or incomplete: its "
                 f"{', '.join(items)} cannot be read ({type(e).__name__}: {e})"
             ) from e
+        verifier = integrity.Verifier(
+            f"checkpoint step {step} in {self.directory}",
+            restored[integrity.ITEM] if integrity.ITEM in items else records,
+        )
         out = {}
         for name, plan in plans.items():
             leaves = []
             if plan.paths:
+                slots = packed.get(name, {})
                 leaves = layout.unpack(
-                    restored[name], plan.paths, plan.abstract, packed.get(name, {})
+                    restored[name],
+                    plan.paths,
+                    plan.abstract,
+                    slots,
+                    # packed arrays are checked on the host buffer as read, in the
+                    # background while they are put on devices
+                    on_host=lambda members, name=name: verifier.host_buffers(name, members),
                 )
-                where = f"checkpoint step {step} in {self.directory}, {name}"
-                integrity.verify(where, plan.paths, leaves, sums.get(name, {}))
+                in_slots = layout.packed_slots(slots)
+                plain = [(p, x) for p, x in zip(plan.paths, leaves) if "/".join(p) not in in_slots]
+                verifier.arrays(name, [p for p, _ in plain], [x for _, x in plain])
             out[name] = jax.tree_util.tree_unflatten(plan.treedef, leaves)
+        verifier.finish()
         return out
 
     def _check_method(self, meta: dict[str, Any], step: int) -> None:
