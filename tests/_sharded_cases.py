@@ -251,7 +251,8 @@ def test_fsdp_gathers_each_frozen_kernel_once(scan):
     )
     forward = jax.jit(jl.adapt(sh.gathered(loss_fn, psh, ("fsdp",))), in_shardings=(psh, ash, bsh))
     state = jax.eval_shape(tx.init, adapters)
-    in_step = profiling.collectives(step.lower(shapes, adapters, state, batch).compile().as_text())
+    step_hlo = step.lower(shapes, adapters, state, batch).compile().as_text()
+    in_step = profiling.collectives(step_hlo)
     in_fwd = profiling.collectives(forward.lower(shapes, adapters, batch).compile().as_text())
 
     kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim >= 2}
@@ -269,8 +270,13 @@ def test_fsdp_gathers_each_frozen_kernel_once(scan):
         # stacked kernels are gathered one layer at a time inside the layer loops (forward
         # and rematerialised backward), so the step gathers no whole stack; the unscanned
         # ones (embedding, head) once
-        n_stacked = sum(1 for x in jax.tree_util.tree_leaves(shapes) if x.ndim == 3)
-        assert len(kernel_gathers(in_step)) == split - n_stacked
+        # (outside the loops: a layer's kernel, gathered squeezed, may share its shape with
+        # an unscanned leaf here, e.g. down_proj (64, 32) and the embedding)
+        top = "\n".join(ln for ln in step_hlo.splitlines() if "while/" not in ln)
+        stacks = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim == 3}
+        n_stacked = len([x for x in jax.tree_util.tree_leaves(shapes) if x.ndim == 3])
+        assert len(kernel_gathers(profiling.collectives(top))) == split - n_stacked
+        assert not [c for c in in_step if c.op == "all-gather" and c.shapes[-1] in stacks]
         layer = {tuple(x.shape[1:]) for x in jax.tree_util.tree_leaves(shapes) if x.ndim == 3}
         assert layer <= {_unit_dropped(c.shapes[-1]) for c in in_step if c.op == "all-gather"}
     else:
