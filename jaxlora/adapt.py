@@ -105,6 +105,7 @@ class _Ctx:
         self._merge_sites: set[tuple[str, int]] = set()
         # id(stacked input) -> sharding of one of its scanned slices (see layer_shardings)
         self.layers: dict[int, Any] = {}
+        self.frozen: set[int] = set()  # ids of the params leaves that get no gradient
 
     def dropout_key(self) -> jax.Array:
         return jax.random.fold_in(self.rng, next(self._sites))
@@ -145,10 +146,13 @@ class _Lazy:
     ``c: (stack..., out...)`` (per-column scale), each group in view-axis order.
     """
 
-    def __init__(self, w, a, b, c, roles, scale, path, dropout=0.0):
+    def __init__(self, w, a, b, c, roles, scale, path, dropout=0.0, src=None):
         self.w, self.a, self.b, self.c = w, a, b, c
         self.roles, self.scale, self.path = tuple(roles), scale, path
         self.dropout = dropout
+        # (node, shared) the factors were made from, while the kernel is still as it came
+        # in: a scan over its layers then slices the node, not the stacked factors
+        self.src = src
 
     @property
     def ndim(self) -> int:
@@ -209,6 +213,7 @@ def _broadcast(x: jax.Array, x_labels: str, out_labels: str) -> jax.Array:
 def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
     f = node.factors(w, shared)
     lay = node.layout
+    per_layer = getattr(node, "PER_LAYER_FACTORS", False) and lay.stack_axes[:1] == (0,)
     roles = [STACK] * len(lay.shape)
     for ax in lay.in_axes:
         roles[ax] = IN
@@ -217,7 +222,25 @@ def _from_node(w: jax.Array, node: Adapter, shared: dict[str, Any]) -> _Lazy:
     a, scale = f.a, f.scale
     if not isinstance(scale, int | float):
         a, scale = a * scale, 1.0
-    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path, f.dropout)
+    src = (node, shared) if per_layer else None
+    return _Lazy(w, a, f.b, f.col_scale, roles, float(scale), lay.path, f.dropout, src)
+
+
+def _layer_node(node: Adapter, arrays: Sequence[Any]) -> Adapter:
+    """``node`` for one layer of its leading stack axis, from its sliced arrays."""
+    lay = node.layout
+
+    def shift(axes):
+        return tuple(a - 1 for a in axes)
+
+    layout = dataclasses.replace(
+        lay,
+        shape=lay.shape[1:],
+        stack_axes=shift(lay.stack_axes[1:]),
+        in_axes=shift(lay.in_axes),
+        out_axes=shift(lay.out_axes),
+    )
+    return dataclasses.replace(node, layout=layout, **dict(zip(node.ARRAYS, arrays)))
 
 
 # ----------------------------------------------------------------------------- quantized
@@ -797,7 +820,7 @@ def _scan(ctx, eqn, invals):
     loop_carry = [c for c in range(ncarry) if c not in fixed]
     loop_ys = [y for y in range(n_ys) if y not in ys_from]
     # a lazy kernel travels as its children, sliced along the leading stack axis together
-    packed = [_lazy_flatten(x)[0] if isinstance(x, _Lazy) else x for x in xs]
+    packed = [_as_bits(ctx, x, _packed(x)) for x in xs]
     outer_rng = ctx.rng
     if outer_rng is not None:  # each step draws its own dropout masks
         scan_key = ctx.dropout_key()
@@ -807,12 +830,7 @@ def _scan(ctx, eqn, invals):
         if outer_rng is not None:
             *sliced, step = sliced
             ctx.rng = jax.random.fold_in(scan_key, step)
-        vals = [
-            _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path, dropout=x.dropout)
-            if isinstance(x, _Lazy)
-            else s
-            for x, s in zip(xs, sliced)
-        ]
+        vals = [_unpacked(x, s) for x, s in zip(xs, sliced)]
         vals = [_gather_layer(ctx, x, v) for x, v in zip(xs, vals)]
         full_carry = dict(zip(loop_carry, carry))
         full_carry.update({c: init[c] for c in fixed})
@@ -823,7 +841,7 @@ def _scan(ctx, eqn, invals):
         ctx.rng = outer_rng
         return outs[: len(loop_carry)], outs[len(loop_carry) :]
 
-    if any(id(x.w if isinstance(x, _Lazy) else x) in ctx.layers for x in xs):
+    if any(_leaf_id(x) in ctx.layers for x in xs):
         # The backward pass must gather each layer again, not keep every layer's gathered
         # copy as a residual (the whole stack again). Only rematerialising the body does
         # that: a names policy would have to override a remat inside the layer, and XLA
@@ -842,6 +860,36 @@ def _scan(ctx, eqn, invals):
     ys_out = dict(zip(loop_ys, ys))
     ys_out.update({y: xs[i] for y, i in ys_from.items()})
     return [*(carry_out[c] for c in range(ncarry)), *(ys_out[y] for y in range(n_ys))]
+
+
+def _packed(x: Any) -> Any:
+    # what a scan slices of one xs value: a lazy kernel made from a node whose factors
+    # opt in (VeRA's d*B_s*b, A_s broadcast over layers) as its kernel and the node's own
+    # arrays, so each layer's factors are formed in the loop body, never for the stack
+    if not isinstance(x, _Lazy):
+        return x
+    if x.src is not None:
+        node = x.src[0]
+        return (x.w, [getattr(node, f) for f in node.ARRAYS])
+    return _lazy_flatten(x)[0]
+
+
+def _unpacked(x: Any, s: Any) -> Any:
+    if not isinstance(x, _Lazy):
+        return s
+    if x.src is not None:
+        (w, arrays), (node, shared) = s, x.src
+        return _from_node(w, _layer_node(node, arrays), shared)
+    return _Lazy(*s, roles=x.roles[1:], scale=x.scale, path=x.path, dropout=x.dropout)
+
+
+def _leaf_id(x: Any) -> int:
+    # the params leaf a scan input stands for: a lazy kernel's base, a quantized kernel's
+    # codes and scales as they came in (see layer_shardings)
+    w = x.w if isinstance(x, _Lazy) else x
+    if isinstance(w, _Deferred) and not w.ops:
+        w = w.q
+    return id(w)
 
 
 def _sliceable(w: Any) -> bool:
@@ -888,12 +936,58 @@ def layer_shardings(shardings: Mapping[str, Any]):
 
 
 def _gather_layer(ctx: _Ctx, stacked: Any, sliced: Any) -> Any:
-    sharding = ctx.layers.get(id(stacked.w if isinstance(stacked, _Lazy) else stacked))
+    sharding = ctx.layers.get(_leaf_id(stacked))
     if sharding is None:
         return sliced
     if isinstance(sliced, _Lazy):
-        return _constrain(sliced, lax.with_sharding_constraint(sliced.w, sharding), sharding)
-    return lax.with_sharding_constraint(sliced, sharding)
+        w = sliced.w
+        if isinstance(w, _Deferred):  # the layer's packed codes and scales, not a float copy
+            w = _Deferred(constrain(_layout_barrier(w.q, sharding), sharding), w.ops)
+        else:
+            w = lax.with_sharding_constraint(_layout_barrier(w, sharding), sharding)
+            w = _from_bits(w, stacked.w.dtype)
+        return _constrain(sliced, w, sharding)
+    gathered = lax.with_sharding_constraint(_layout_barrier(sliced, sharding), sharding)
+    return _from_bits(gathered, stacked.dtype)
+
+
+def _as_bits(ctx: _Ctx, x: Any, packed: Any) -> Any:
+    # XLA:CPU has no 16-bit float arithmetic: it rewrites every bf16 op (the scan's slice and
+    # the all-gather included) to f32 and hoists the loop-invariant conversion of the whole
+    # stacked kernel out of the loop, an f32 copy of weights/N. Sliced and gathered as its
+    # 16-bit payload, a layer is converted only where it is used, and the gather moves the
+    # bytes a TPU or GPU moves. _gather_layer casts it back.
+    w = x.w if isinstance(x, _Lazy) else x
+    sharding = ctx.layers.get(_leaf_id(x))
+    if (
+        sharding is None
+        or _leaf_id(x) not in ctx.frozen  # a bit-cast has no gradient
+        or not _on_cpu(sharding)
+        or isinstance(w, _Deferred)
+        or not jnp.issubdtype(w.dtype, jnp.floating)
+        or jnp.dtype(w.dtype).itemsize != 2
+    ):
+        return packed
+    bits = lax.bitcast_convert_type(w, jnp.uint16)
+    return (bits, *packed[1:]) if isinstance(x, _Lazy) else bits
+
+
+def _from_bits(x: Any, dtype: Any) -> Any:
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _on_cpu(sharding: Any) -> bool:
+    devices = getattr(getattr(sharding, "mesh", None), "devices", None)
+    return devices is not None and devices.flat[0].platform == "cpu"
+
+
+def _layout_barrier(x: Any, sharding: Any) -> Any:
+    # XLA:CPU lays out an all-gather's operand with the gathered axis outermost and carries
+    # that layout back through the scan's slice to the whole stacked input, which it then
+    # copies (transposed) before the loop: weights/N more temporaries. A barrier between the
+    # slice and the gather keeps the layout change to the one layer. CPU only: other
+    # backends gather along any axis and the barrier would only constrain their scheduling.
+    return lax.optimization_barrier(x) if _on_cpu(sharding) else x
 
 
 def _prim(*names: str):
@@ -1024,6 +1118,7 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
         # Check targeted params leaves first, substituting fully trained copies for their
         # base leaves: a mismatch must be reported as such, not as whatever shape error
         # tracing fn on the wrong params would raise.
+        base = {id(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_kernel_leaf)}
         params = map_targeted(params, adapters, lambda node, w, sh: w, lambda p, copy, w: copy)
         # a quantized kernel is one leaf: fn is traced with a float kernel of its shape
         flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
@@ -1032,6 +1127,8 @@ def adapt(fn: Callable, *, strict: bool = False, fuse: bool = True) -> Callable:
 
         per_layer = _LAYER_SHARDINGS.get() or {}
         ctx.layers = {id(leaves[i]): per_layer[p] for i, p in enumerate(paths) if p in per_layer}
+        # frozen base leaves (not fully trained copies, which are differentiated)
+        ctx.frozen = {id(x) for x in leaves[: len(paths)] if id(x) in base}
         static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
         avals = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves if _is_dynamic(x))
         try:

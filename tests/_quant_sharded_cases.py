@@ -9,7 +9,9 @@ under the ``fsdp_tp`` preset, against the same quantized base on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +86,13 @@ def test_split_inside_a_block_is_an_error():
         sh.param_specs(qparams, [(r".*_proj/kernel", P("fsdp", None)), (".*", P())], mesh)
 
 
-def test_sharded_lora_on_quantized_base_matches_one_device():
-    qparams = _params("nf4")
+@pytest.mark.parametrize(
+    "kind, mesh_shape, preset",
+    [("nf4", MESH, "fsdp_tp"), ("int8", {"fsdp": 8}, "fsdp")],
+)
+def test_sharded_lora_on_quantized_base_matches_one_device(kind, mesh_shape, preset):
+    """Per-layer gathers of packed codes (scanned, FSDP) train exactly as one device does."""
+    qparams = _params(kind)
     method = jl.lora(rank=4, targets=stacked("all-linear"))
     tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
 
@@ -99,8 +106,8 @@ def test_sharded_lora_on_quantized_base_matches_one_device():
         ref.append(float(m["loss"]))
     ref_adapters = jax.device_get(adapters)
 
-    mesh = sh.make_mesh(MESH)
-    psh = sh.param_shardings(qparams, llama.partition_rules("fsdp_tp"), mesh)
+    mesh = sh.make_mesh(mesh_shape)
+    psh = sh.param_shardings(qparams, llama.partition_rules(preset), mesh)
     params = distributed.put(qparams, psh)
     ad = sh.init_adapters(method, jax.random.key(1), params, psh)
     ash = sh.adapter_shardings(ad, psh)
@@ -121,12 +128,94 @@ def test_sharded_lora_on_quantized_base_matches_one_device():
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
     assert ref[-1] < ref[0]
 
-    # FSDP gathers the packed codes and scales, never a float copy of a quantized kernel
+    # FSDP gathers the packed codes and scales, never a float copy of a quantized kernel,
+    # and one layer of them at a time: no gather has a whole stack's shape
     hlo = sstep.lower(params, ad, st, distributed.put(_ids(), bsh)).compile().as_text()
-    floats = {
-        tuple(x.shape)
-        for x in jax.tree_util.tree_leaves(qparams, is_leaf=is_kernel_leaf)
+    kernels = [
+        x for x in jax.tree_util.tree_leaves(qparams, is_leaf=is_kernel_leaf)
         if isinstance(x, QuantizedKernel)
-    }
+    ]  # fmt: skip
+    floats = {tuple(x.shape) for x in kernels}
     gathers = [c for c in profiling.collectives(hlo) if c.op == "all-gather"]
     assert gathers and not [c for c in gathers if set(c.shapes) & floats], gathers
+    # per-device shapes of the codes gathered over fsdp (tensor stays split): whole stacks
+    # must not appear, one layer of every quantized kernel must
+    qsh = [
+        x for x in jax.tree_util.tree_leaves(psh, is_leaf=is_kernel_leaf)
+        if isinstance(x, QuantizedKernel)
+    ]  # fmt: skip
+
+    def local(s, shape):
+        spec = [None if e == "fsdp" else e for e in s.data.spec]
+        spec = spec[len(spec) - len(shape) :]
+        return jax.sharding.NamedSharding(mesh, P(*spec)).shard_shape(shape)
+
+    stacks = {local(s, q.data.shape) for q, s in zip(kernels, qsh, strict=True)}
+    layers = {local(s, q.data.shape[1:]) for q, s in zip(kernels, qsh, strict=True)}
+    # a layer's codes are gathered with or without its unit stack axis
+    shapes = {c.shapes[-1][1:] if c.shapes[-1][:1] == (1,) else c.shapes[-1] for c in gathers}
+    assert not stacks & {c.shapes[-1] for c in gathers}, "a whole stack of codes was gathered"
+    assert layers <= shapes, (layers, shapes)
+
+
+# Wide and shallow-batched, so one layer's codes dwarf its activations (as for float in
+# tests/_sharded_cases.py); NF4 blocks of 32 so that fsdp=8 splits d_in=256 on blocks.
+WIDE = dataclasses.replace(
+    CONFIG, hidden_size=256, intermediate_size=512, num_layers=2, remat=True
+)  # fmt: skip
+
+
+def _quantized_shapes(config, kind):
+    def init():
+        params = llama.init_params(jax.random.key(0), config=config)
+        block = 32 if kind == "nf4" else None
+        return jl.quantize(params, targets=stacked("all-linear"), kind=kind, block=block)
+
+    return jax.eval_shape(init)
+
+
+def _compiled(config, kind, per_layer):
+    shapes = _quantized_shapes(config, kind)
+    mesh = sh.make_mesh({"fsdp": 8})
+    psh = sh.param_shardings(shapes, llama.partition_rules("fsdp"), mesh)
+    method = jl.lora(rank=4, targets=stacked("all-linear"))
+    adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
+    ash = sh.adapter_shardings(adapters, psh)
+    tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
+
+    def loss_fn(params, ids):
+        return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
+
+    step = sh.sharded_train_step(
+        loss_fn, tx, param_shardings=psh, adapter_shardings=ash,
+        opt_state_shardings=sh.opt_state_shardings(tx, adapters, ash),
+        batch_sharding=sh.batch_sharding(mesh), per_layer=per_layer,
+    )  # fmt: skip
+    batch = jax.ShapeDtypeStruct((8, 8), jnp.int32)
+    return step.lower(shapes, adapters, jax.eval_shape(tx.init, adapters), batch).compile()
+
+
+def _layer_code_bytes(shapes, layers) -> int:
+    """Bytes of one layer's codes and scales (all quantized stacks), the gathered unit."""
+    total = 0
+    for q in jax.tree_util.tree_leaves(shapes, is_leaf=is_kernel_leaf):
+        if isinstance(q, QuantizedKernel):
+            for x in jax.tree_util.tree_leaves(q):
+                assert x.shape[0] == layers
+                total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return total // layers
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_scanned_fsdp_quantized_temp_grows_by_one_layer_not_the_stack(kind):
+    """Per-device temp memory, L=8 against L=2: less than one more layer of codes gathered."""
+
+    def temp(layers, per_layer):
+        config = dataclasses.replace(WIDE, num_layers=layers)
+        return _compiled(config, kind, per_layer).memory_analysis().temp_size_in_bytes
+
+    layer = _layer_code_bytes(_quantized_shapes(WIDE, kind), WIDE.num_layers)
+    grown = temp(8, True) - temp(2, True)
+    assert grown < layer, (grown, layer)
+    # the control: codes gathered whole at the top, the six extra layers all show up
+    assert temp(8, False) - temp(2, False) > 5 * layer

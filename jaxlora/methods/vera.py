@@ -125,6 +125,9 @@ class VeraAdapter(Adapter):
     ARRAYS: ClassVar[tuple[str, ...]] = ("d", "b")
     LABELS: ClassVar[dict[str, str]] = {"d": "vera_vector", "b": "vera_vector"}
     AXES: ClassVar[dict[str, tuple[str, ...]]] = {"d": ("stack", "rank"), "b": ("stack", "out")}
+    # jaxlora.adapt forms a scanned layer's factors from its slice of d and b inside the
+    # loop body: the stacked d*B_s*b and A_s broadcast over the layers are never formed
+    PER_LAYER_FACTORS: ClassVar[bool] = True
 
     layout: KernelLayout
     rank: int

@@ -136,9 +136,11 @@ def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
       >>> sorted(scanned_paths(fn, p, jnp.ones((1, 4))))
       ['stack']
     """
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    # a quantized kernel is one leaf, traced as a float kernel of its logical shape (as
+    # jaxlora.adapt traces the loss), so the packed codes never meet the model's code
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel_leaf)[0]
     shapes = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, args)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, args), is_leaf=is_kernel_leaf
     )
     closed = jax.make_jaxpr(fn)(shapes[0], *shapes[1])
     invars = closed.jaxpr.invars[: len(flat)]
@@ -148,13 +150,12 @@ def scanned_paths(fn: Callable[..., Any], params: Any, *args: Any) -> set[str]:
 
 def _layer_shardings(param_shardings: Any, paths: Collection[str], axes: Sequence[str]):
     # one layer's sharding of each scanned leaf that is split over a gathered axis. A
-    # quantized kernel is left out: its codes and scales are gathered whole at the top
-    # (per-layer gathering of packed codes is not implemented yet)
+    # quantized kernel's is its logical kernel's (its codes' spec): jaxlora.adapt gathers
+    # the layer's codes and scales by it (jaxlora.quant.constrain) and dequantizes per use
     out = {}
     flat = jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=is_kernel_leaf)[0]
     for kp, s in flat:
-        if is_kernel_leaf(s):
-            continue
+        s = s.data if is_kernel_leaf(s) else s
         spec = tuple(s.spec)
         used = {a for e in spec for a in entry_axes(e)}
         if path_str(kp) in paths and spec and spec[0] is None and used & set(axes):
@@ -244,12 +245,7 @@ def sharded_train_step(
 
     def step(params, adapters, opt_state, batch, *key):
         # traced once per compile: which leaves are scanned is known only from the loss
-        # a quantized base is gathered whole at the top for now (see _layer_shardings)
-        quantized = any(
-            is_kernel_leaf(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_kernel_leaf)
-        )
-        per = per_layer and gather and not quantized
-        scanned = scanned_paths(loss_fn, params, batch, *key) if per else set()
+        scanned = scanned_paths(loss_fn, params, batch, *key) if per_layer and gather else set()
         layers = _layer_shardings(param_shardings, scanned, gather)
         inner = train_step(
             gathered(loss_fn, param_shardings, gather, skip=layers),
