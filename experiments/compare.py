@@ -25,18 +25,37 @@ from jaxlora import distributed
 
 
 def plot(result: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Loss curves and headline metric vs trainable parameters, as PNG files."""
+    """Loss curves and headline metric vs trainable parameters, as PNG files.
+
+    With several seeds the loss curves are the mean over seeds with a min–max band, and
+    the metric has ± std error bars. The untrained baseline is a dashed reference line,
+    not a point, and the y-range is set by the trained methods: the baseline sits far below
+    them and would squash their differences into a sliver.
+    """
     metric = result["metric"]
     name = result["config"]["name"]
+    seeds = result.get("seeds", 1)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in result["rows"]:
         losses = np.asarray(r["losses"], float)
         if losses.size == 0:
             continue
         k = max(1, losses.size // 20)  # moving average: single-batch losses are noisy
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(k, losses.size + 1), smooth, label=r["method"])
-    ax.set(xlabel="step", ylabel="training loss (moving average)", title=f"{name}: training loss")
+
+        def smooth(x, k=k):
+            return np.convolve(np.asarray(x, float), np.ones(k) / k, mode="valid")
+
+        steps = np.arange(k, losses.size + 1)
+        (line,) = ax.plot(steps, smooth(losses), label=r["method"])
+        if seeds > 1 and "losses_min" in r:
+            lo, hi = smooth(r["losses_min"]), smooth(r["losses_max"])
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    band = f"; mean of {seeds} seeds, band min–max" if seeds > 1 else ""
+    ax.set(
+        xlabel="step",
+        ylabel=f"training loss (moving average{band})",
+        title=f"{name}: training loss",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     curves = out_dir / "loss_curves.png"
@@ -46,14 +65,51 @@ def plot(result: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # a legend, not text labels: the LoRA-family methods share one parameter count
     markers = "osD^vP*Xh<>"
+    trained = []
     for i, r in enumerate(result["rows"]):
-        n = max(r["trainable_params"], 1)
-        ax.scatter(n, r["after"][metric], marker=markers[i % len(markers)], s=40, label=r["method"])
-    ax.legend(fontsize=8)
+        y = r["after"][metric]
+        spread = r.get("after_spread", {}).get(metric)
+        if not r["trainable_params"]:  # untrained: a reference level, not a point at x=0
+            ax.axhline(
+                y, color="0.4", linestyle="--", linewidth=1, label=f"{r['method']} ({y:.3f})"
+            )
+            continue
+        err = spread["std"] if spread and seeds > 1 else None
+        ax.errorbar(
+            r["trainable_params"],
+            y,
+            yerr=err,
+            fmt=markers[i % len(markers)],
+            markersize=6,
+            capsize=3,
+            label=r["method"],
+        )
+        lo = spread["min"] if spread else y
+        hi = spread["max"] if spread else y
+        trained += [lo - (err or 0), hi + (err or 0)]
+    if trained:
+        lo, hi = min(trained), max(trained)
+        pad = max(0.15 * (hi - lo), 0.005)
+        ax.set_ylim(lo - pad, hi + pad)
+        for r in result["rows"]:
+            y = r["after"][metric]
+            if not r["trainable_params"] and not lo - pad <= y <= hi + pad:
+                where = "below" if y < lo else "above"
+                ax.annotate(
+                    f"{r['method']}: {y:.3f} ({where} this range)",
+                    xy=(0.01, 0.01 if y < lo else 0.97),
+                    xycoords="axes fraction",
+                    va="bottom" if y < lo else "top",
+                    fontsize=8,
+                    color="0.3",
+                )
     ax.set_xscale("log")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    bars = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
     ax.set(
-        xlabel="trainable parameters (log)",
-        ylabel=f"held-out {metric}",
+        xlabel="trainable parameters (log scale)",
+        ylabel=f"held-out {metric}{bars}",
         title=f"{name}: {metric} vs trainable parameters",
     )
     fig.tight_layout()
@@ -68,6 +124,12 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="e1_topics", help="comma-separated config modules")
     ap.add_argument("--variant", default="local")
     ap.add_argument("--out", default="results")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per method (seeds seed, seed+1, ...); the table shows mean ± std and min–max",
+    )
     args = ap.parse_args(argv)
     distributed.initialize()  # a no-op for one process; joins the pod/cluster otherwise
     out = pathlib.Path(args.out)
@@ -76,13 +138,16 @@ def main(argv=None) -> None:
         runner.validate(c)
     results = []
     for c in configs:
-        result = runner.run(c, out)
+        result = runner.run(c, out, seeds=args.seeds)
         plot(result, out / c.name)
         results.append(result)
     md = table(results)
     (out / "results.md").write_text(md)
     write_csv(results, out / "results.csv")
     print("\n" + md)
+    compiles = sum(r["compiles"] for res in results for r in res["rows"])
+    evals = sum(res["eval_compiles"] for res in results)
+    print(f"compiled {compiles} train steps (one per method and bucket) and {evals} evaluations")
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, plots under {out}/<experiment>/")
 
 
