@@ -191,9 +191,7 @@ def adapter_methods(
             learning_rate=lr["delta_lora"],
             kwargs={**lora, "lam": 0.5, "start_step": delta_start},
         ),
-        MethodConfig(
-            "lora_plus", learning_rate=lr["lora_plus"], kwargs={**dropped, "ratio": 16.0}
-        ),
+        MethodConfig("lora_plus", learning_rate=lr["lora_plus"], kwargs={**dropped, "ratio": 16.0}),
         MethodConfig("dora", learning_rate=lr["dora"], kwargs=lora),
     )
 
