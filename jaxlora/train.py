@@ -17,6 +17,18 @@ Every step reports ``metrics["finite"]``, computed on the device: whether the lo
 gradient (through their norm) and every adapter update are finite. It costs one boolean
 reduction per updated array, fused by XLA into the update itself, and lets a training loop
 stop before it checkpoints NaNs. ``skip_nonfinite=True`` makes a non-finite step a no-op.
+
+Dropout needs a PRNG key per step: ``train_step(..., with_rng=True)`` builds
+``step(params, adapters, opt_state, batch, key)`` and calls ``loss_fn(params, batch,
+model_key)`` for the model's own dropout, while the low-rank dropout of adapters made with
+``dropout > 0`` (PEFT's ``lora_dropout``) draws from ``lora_key``, where ``model_key,
+lora_key = dropout_keys(key)`` (a split: the two streams are independent). A step built
+without ``with_rng`` refuses adapters with ``dropout > 0`` rather than silently training
+them without it.
+
+The jitted step is an ordinary ``jax.jit`` function, so ``step.lower(...)``, ``.compile()``
+and ``cost_analysis()`` work on it: time the compile, read the flops or the memory
+(:mod:`jaxlora.profiling`) before training.
 """
 
 from __future__ import annotations
@@ -29,10 +41,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora.adapt import adapt
-from jaxlora.adapters import FROZEN, labels
+from jaxlora.adapters import FROZEN, adapter_nodes, labels
 from jaxlora.optim import move_base
 
-__all__ = ["train_step", "trainable"]
+__all__ = ["dropout_keys", "train_step", "trainable"]
 
 
 def split_trainable(tree: Any, adapters: Any) -> tuple[Any, Any]:
@@ -89,6 +101,40 @@ def trainable(adapters: Any) -> tuple[Any, Callable[[Any], Any]]:
     return view, lambda v: join_trainable(v, frozen)
 
 
+def dropout_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(model_key, lora_key)``: how a ``with_rng`` train step splits its step key.
+
+    ``model_key`` is what ``loss_fn(params, batch, model_key)`` gets for the model's own
+    dropout; ``lora_key`` is the ``dropout_rng`` given to :func:`jaxlora.adapt` for the
+    low-rank dropout. Use it to reproduce a step's masks outside the step.
+
+    Examples:
+      >>> import jax
+      >>> model_key, lora_key = dropout_keys(jax.random.key(0))
+    """
+    model_key, lora_key = jax.random.split(key)
+    return model_key, lora_key
+
+
+def dropout_rates(adapters: Any) -> dict[str, float]:
+    """The low-rank dropout rate of every adapted kernel with ``dropout > 0``, by path."""
+    rates = {p: float(getattr(n, "dropout", 0.0)) for p, n in adapter_nodes(adapters).items()}
+    return {p: r for p, r in rates.items() if r}
+
+
+def _check_no_dropout(adapters: Any) -> None:
+    rates = dropout_rates(adapters)
+    if rates:
+        shown = ", ".join(f"{p!r}: {r}" for p, r in sorted(rates.items())[:4])
+        more = f" and {len(rates) - 4} more" if len(rates) > 4 else ""
+        raise ValueError(
+            f"train_step: the adapters have low-rank dropout ({shown}{more}), which needs a "
+            "PRNG key per step; build the step with jl.train_step(..., with_rng=True) and "
+            "call step(params, adapters, opt_state, batch, key) (or make the adapters with "
+            "dropout=0)"
+        )
+
+
 def _all_finite(loss: Any, grad_norm: Any, updates: Any) -> jax.Array:
     # a NaN or inf in any gradient makes their norm non-finite, so the gradients need no
     # pass of their own; the updates do (a finite gradient can still give a NaN update).
@@ -113,13 +159,15 @@ def train_step(
     donate: bool = True,
     jit: bool = True,
     skip_nonfinite: bool = False,
+    with_rng: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
     """Builds ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state,
     metrics)``, the one train step of every method.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux_dict)`` with
-        ``has_aux``), written for plain parameters.
+        ``has_aux``), written for plain parameters; ``loss_fn(params, batch, key)`` with
+        ``with_rng``.
       tx: The optimizer over the adapters, usually ``jaxlora.optimizer(optax.adamw(...))``
         so that frozen arrays hold no state; ``opt_state = tx.init(adapters)``. One that
         also moves the base (:func:`jaxlora.delta_lora`) moves it here.
@@ -131,10 +179,22 @@ def train_step(
       jit: Return the step jitted (the default) or as a plain function to compose.
       skip_nonfinite: Where ``metrics["finite"]`` is false, return the step's inputs
         (params, adapters, optimizer state) unchanged, so a NaN step changes nothing.
+      with_rng: Build ``step(params, adapters, opt_state, batch, key)`` for training with
+        dropout: ``model_key, lora_key = jaxlora.train.dropout_keys(key)``; ``loss_fn``
+        gets ``model_key`` (for the model's own dropout, e.g.
+        ``bert.apply(..., dropout_rng=key)``) and the low-rank dropout of adapters made
+        with ``dropout > 0`` draws from ``lora_key``. Pass a fresh key every step. With
+        no adapter dropout the low-rank branch is exactly the one without a key.
 
     Returns:
-      The step function. ``metrics`` holds ``loss``, ``grad_norm`` (of trainable arrays)
-      and ``finite`` (a boolean: the loss, gradients and updates are all finite).
+      The step function, a ``jax.jit`` function (with ``jit``): ``step.lower(*args)``
+      gives its lowered program, ``.compile()`` the executable with ``cost_analysis()``
+      and ``memory_analysis()``. ``metrics`` holds ``loss``, ``grad_norm`` (of trainable
+      arrays) and ``finite`` (a boolean: the loss, gradients and updates are all finite).
+
+    Raises:
+      ValueError: From the step, if it was built without ``with_rng`` and the adapters have
+        low-rank dropout (the message names the kernels and rates).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxlora as jl
@@ -148,14 +208,35 @@ def train_step(
       >>> params, adapters, opt_state, m1 = step(params, adapters, opt_state, batch)
       >>> float(m0["loss"]), bool(m1["loss"] < m0["loss"])  # B starts at 0: base loss first
       (1.0, True)
+
+      With dropout: the step takes a key (here the model has no dropout of its own and
+      ignores ``model_key``; the low-rank branch drops 10% of its input):
+
+      >>> drop = jl.lora(rank=2, targets=".*kernel", dropout=0.1).init(jax.random.key(0), params)
+      >>> step = jl.train_step(lambda p, b, key: loss_fn(p, b), tx, with_rng=True)
+      >>> params, drop, opt_state, m = step(params, drop, tx.init(drop), batch,
+      ...                                   jax.random.key(1))
+
+      The compiled step can be inspected before it runs (``jaxlora.profiling`` reads it):
+
+      >>> compiled = step.lower(params, drop, opt_state, batch, jax.random.key(2)).compile()
+      >>> flops = compiled.cost_analysis()["flops"]
     """
     adapted = adapt(loss_fn, strict=strict)
 
-    def step(params, adapters, opt_state, batch):
+    def run(params, adapters, opt_state, batch, key):
+        if with_rng:
+            model_key, lora_key = dropout_keys(key)
+            # no adapter dropout: the low-rank branch is computed exactly as without a key
+            extra = {"dropout_rng": lora_key} if dropout_rates(adapters) else {}
+            args = (batch, model_key)
+        else:
+            _check_no_dropout(adapters)
+            extra, args = {}, (batch,)
         trainable, frozen = split_trainable(adapters, adapters)
 
         def objective(tr):
-            return adapted(params, join_trainable(tr, frozen), batch)
+            return adapted(params, join_trainable(tr, frozen), *args, **extra)
 
         if has_aux:
             (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
@@ -176,6 +257,15 @@ def train_step(
             moved = _keep_if(finite, moved, params)
             new, new_state = _keep_if(finite, (new, new_state), (adapters, opt_state))
         return moved, new, new_state, metrics
+
+    if with_rng:
+
+        def step(params, adapters, opt_state, batch, key):
+            return run(params, adapters, opt_state, batch, key)
+    else:
+
+        def step(params, adapters, opt_state, batch):
+            return run(params, adapters, opt_state, batch, None)
 
     if not jit:
         return step

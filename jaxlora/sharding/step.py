@@ -176,15 +176,19 @@ def sharded_train_step(
     gather: Sequence[str] = ("fsdp",),
     skip_nonfinite: bool = False,
     per_layer: bool = True,
+    with_rng: bool = False,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, Any]]]:
     """:func:`jaxlora.train_step` jitted with explicit input/output shardings and donation.
 
     The step keeps params, adapters and optimizer state in the shardings they came in with
     (so they can be donated and the next step reuses the buffers; unmoved params go
-    through without a copy) and returns replicated metrics.
+    through without a copy) and returns replicated metrics. Like :func:`jaxlora.train_step`
+    it is a ``jax.jit`` function: ``step.lower(...).compile()`` gives the executable, its
+    ``cost_analysis()`` and its collectives (:mod:`jaxlora.profiling`).
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``).
+      loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``);
+        ``loss_fn(params, batch, key)`` with ``with_rng``.
       tx: The optimizer the state was initialised with.
       param_shardings: From :func:`param_shardings`.
       adapter_shardings: From :func:`adapter_shardings`.
@@ -206,9 +210,14 @@ def sharded_train_step(
         (see the module docstring); ``False`` gathers them whole at the top, which holds
         every layer's gathered weights at once but does not recompute a layer that the
         model itself does not rematerialise.
+      with_rng: As for :func:`jaxlora.train_step`: the step takes a PRNG key last,
+        ``step(params, adapters, opt_state, batch, key)`` (replicated: every device draws
+        the same masks as one device would), for the model's own dropout and the
+        low-rank dropout.
 
     Returns:
-      ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state, metrics)``.
+      ``step(params, adapters, opt_state, batch) -> (params, adapters, opt_state, metrics)``
+      (``step(params, adapters, opt_state, batch, key)`` with ``with_rng``).
 
     Examples:
       >>> from jaxlora.sharding import (adapter_shardings, batch_sharding, init_adapters,
@@ -233,14 +242,14 @@ def sharded_train_step(
     """
     mesh = next(s.mesh for s in jax.tree_util.tree_leaves(adapter_shardings) if hasattr(s, "mesh"))
 
-    def step(params, adapters, opt_state, batch):
+    def step(params, adapters, opt_state, batch, *key):
         # traced once per compile: which leaves are scanned is known only from the loss
         # a quantized base is gathered whole at the top for now (see _layer_shardings)
         quantized = any(
             is_kernel_leaf(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_kernel_leaf)
         )
         per = per_layer and gather and not quantized
-        scanned = scanned_paths(loss_fn, params, batch) if per else set()
+        scanned = scanned_paths(loss_fn, params, batch, *key) if per else set()
         layers = _layer_shardings(param_shardings, scanned, gather)
         inner = train_step(
             gathered(loss_fn, param_shardings, gather, skip=layers),
@@ -249,14 +258,22 @@ def sharded_train_step(
             strict=strict,
             jit=False,
             skip_nonfinite=skip_nonfinite,
+            with_rng=with_rng,
         )
         with layer_shardings(layers):
-            return inner(params, adapters, opt_state, batch)
+            return inner(params, adapters, opt_state, batch, *key)
 
     replicated = NamedSharding(mesh, P())
+    key_sharding = (replicated,) if with_rng else ()
     return jax.jit(
         step,
-        in_shardings=(param_shardings, adapter_shardings, opt_state_shardings, batch_sharding),
+        in_shardings=(
+            param_shardings,
+            adapter_shardings,
+            opt_state_shardings,
+            batch_sharding,
+            *key_sharding,
+        ),
         out_shardings=(param_shardings, adapter_shardings, opt_state_shardings, replicated),
         donate_argnums=(0, 1, 2) if donate else (),
     )
