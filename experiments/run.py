@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -302,13 +301,6 @@ def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
     st.history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= st.step)]
 
 
-def _with_rng(config: ExperimentConfig) -> bool:
-    return config.dropout and _STEP_TAKES_RNG
-
-
-_STEP_TAKES_RNG = "with_rng" in inspect.signature(jl.sharded_train_step).parameters
-
-
 class _Executables:
     """A method's compiled train steps, one per batch shape (bucket length), shared by its
     seeds: the step, its optimizer and shardings are the same for every seed."""
@@ -329,8 +321,12 @@ class _Executables:
 
 def _step_key(key, step: int):
     """The dropout key of training step ``step`` (0-based): a pure function of the run's key
-    and the step, so a resumed run draws the same masks as an uninterrupted one."""
-    return jax.random.fold_in(key, step)
+    and the step, so a resumed run draws the same masks as an uninterrupted one. (The run's
+    key also initialises the adapters; the dropout stream is folded off it first.)"""
+    return jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM), step)
+
+
+_DROPOUT_STREAM = 0x64726F70  # "drop"
 
 
 def _train(
@@ -338,8 +334,7 @@ def _train(
 ) -> list:
     """The training loop from ``st.step`` to ``last``; returns each step's wall time."""
     shd = st.shardings
-    rng = _with_rng(config)
-    kwargs = {"with_rng": True} if rng else {}
+    rng = config.dropout  # a per-step key for the model's and the low-rank dropout
     step = jl.sharded_train_step(
         task.loss_fn,
         st.tx,
@@ -348,7 +343,7 @@ def _train(
         opt_state_shardings=shd["opt_state"],
         batch_sharding=shd["batch"],
         skip_nonfinite=config.on_nonfinite == "skip",
-        **kwargs,
+        with_rng=rng,
     )
     # XLA's figures come from the longest bucket's executable (compiled first: every
     # method reports the same shape), the run compiles each other bucket when it first
