@@ -15,7 +15,7 @@ from jaxlora.methods.lora_plus import lora_plus
 from jaxlora.methods.vera import vera
 from jaxlora.optim import optimizer
 from jaxlora.quant import QuantizedKernel, dequantize, quantize
-from jaxlora.recipes import Recipe, recipe
+from jaxlora.recipes import Recipe, recipe, with_full
 from jaxlora.sharding import make_mesh, sharded_train_step
 from jaxlora.targets import ALL_LINEAR, Target, TargetError
 from jaxlora.train import train_step, trainable
@@ -61,4 +61,5 @@ __all__ = [
     "trainable",
     "unmerge",
     "vera",
+    "with_full",
 ]

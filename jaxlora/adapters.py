@@ -461,7 +461,11 @@ class Method(NamedTuple):
           True
         """
         adapters = self.init(key, params) if like is None else self.init(key, params, like=like)
-        return (unmerge(params, adapters) if self.replaces_base else params), adapters
+        if not self.replaces_base:
+            return params, adapters
+        # fully trained leaves (a head beside PiSSA) replace their base: it stays as it is
+        adapted = {k: v for k, v in adapters.items() if k != FULL_KEY}
+        return unmerge(params, adapted), adapters
 
 
 def compose(*methods: Method) -> Method:

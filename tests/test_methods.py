@@ -20,7 +20,7 @@ import pytest
 from jl_testing import load_script
 
 import jaxlora as jl
-from jaxlora.adapters import FROZEN
+from jaxlora.adapters import FROZEN, FULL_KEY
 from jaxlora.methods import NAMES
 from jaxlora.models import llama
 from jaxlora.train import join_trainable, split_trainable
@@ -185,6 +185,72 @@ def test_unknown_method_and_hyper_parameter():
         jl.recipe("delta_lora", rank=4, start_step=0)
     with pytest.raises(TypeError, match="ratio"):
         jl.recipe("lora", ratio=4)
+
+
+# ----------------------------------------------------------------------------- heads
+
+HEADED = {
+    **PARAMS,
+    "head": {
+        "kernel": jax.random.normal(_KS[5], (8, 3)) * 0.3,
+        "bias": jnp.zeros((3,)),
+    },
+}
+
+
+def headed_loss(p, batch):
+    logits = model(p, batch["x"]) @ p["head"]["kernel"] + p["head"]["bias"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+
+@pytest.mark.parametrize("name", ["lora", "vera", "pissa"])
+def test_recipe_train_is_compose_with_full(name):
+    plain = jl.recipe(name, targets=TARGETS, **KWARGS[name])
+    headed = jl.recipe(name, targets=TARGETS, train="head/.*", **KWARGS[name])
+    assert headed.name == name and headed.method.name == f"{plain.method.name}+full"
+    assert headed.method.replaces_base == plain.method.replaces_base
+    by_hand = jl.compose(plain.method, jl.full(targets="head/.*"))
+    got = headed.prepare(jax.random.key(3), HEADED)
+    want = by_hand.prepare(jax.random.key(3), HEADED)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(g, w)
+    full = got[1][FULL_KEY]["head"]
+    np.testing.assert_array_equal(full["kernel"], HEADED["head"]["kernel"])
+    assert set(jax.tree_util.tree_leaves(jl.labels(got[1])[FULL_KEY])) == {"full"}
+    # training starts at the model it was given (PiSSA: from the residual, head untouched)
+    merged = jl.merge(*got)
+    for g, w in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(HEADED)):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_array_equal(got[0]["head"]["kernel"], HEADED["head"]["kernel"])
+
+
+def test_recipe_head_trains_at_the_base_learning_rate_beside_lora_plus():
+    lr, ratio = 0.1, 4.0
+    recipe = jl.recipe("lora_plus", targets=TARGETS, train="head/.*", rank=4, ratio=ratio)
+    params, adapters = recipe.prepare(jax.random.key(0), HEADED)
+    adapters = perturb(adapters, jax.random.key(1))
+    tx = recipe.optimizer(optax.sgd, learning_rate=lr)
+    step = jl.train_step(headed_loss, tx, donate=False)
+    _, new, _, _ = step(params, adapters, tx.init(adapters), BATCH)
+    # oracle: the merged model's gradient; SGD moves the head by lr, B by ratio * lr
+    grads = jax.grad(lambda a: headed_loss(jl.merge(params, a), BATCH))(adapters)
+    for leaf in ("kernel", "bias"):
+        want = adapters[FULL_KEY]["head"][leaf] - lr * grads[FULL_KEY]["head"][leaf]
+        np.testing.assert_allclose(new[FULL_KEY]["head"][leaf], want, atol=1e-6, rtol=1e-5)
+    node, g = adapters["inp"]["kernel"], grads["inp"]["kernel"]
+    np.testing.assert_allclose(new["inp"]["kernel"].b, node.b - ratio * lr * g.b, atol=1e-6)
+    np.testing.assert_allclose(new["inp"]["kernel"].a, node.a - lr * g.a, atol=1e-6)
+    assert not np.array_equal(new[FULL_KEY]["head"]["bias"], HEADED["head"]["bias"])
+
+
+def test_recipe_train_errors_name_the_pattern_and_paths():
+    recipe = jl.recipe("lora", targets=TARGETS, train="hed/.*", rank=4)
+    with pytest.raises(jl.TargetError, match=r"train='hed/\.\*'.*paths seen: .*head/kernel"):
+        recipe.init(jax.random.key(0), HEADED)
+    recipe = jl.recipe("lora", targets=TARGETS, train=["head/.*", "inp/.*"], rank=4)
+    with pytest.raises(ValueError, match=r"train=\['head/\.\*', 'inp/\.\*'\].*\['inp/kernel'\]"):
+        recipe.init(jax.random.key(0), HEADED)
 
 
 # ----------------------------------------------------------------------------- method table
