@@ -63,10 +63,7 @@ def method_recipe(m: MethodConfig, task: Task) -> Recipe:
         return Recipe("full", jl.full(targets=".*"), default_optimizer)
     if m.name in ("linear_probe", "untrained"):
         return Recipe(m.name, jl.full(targets=task.head or "(?!)"), default_optimizer)
-    recipe = jl.recipe(m.name, **m.kwargs)
-    if task.head is None:
-        return recipe
-    return dataclasses.replace(recipe, method=jl.compose(recipe.method, jl.full(targets=task.head)))
+    return jl.recipe(m.name, **m.kwargs, train=task.head)  # None: no head to train
 
 
 def validate(config: ExperimentConfig) -> None:

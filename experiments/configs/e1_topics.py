@@ -112,7 +112,11 @@ def get_config(variant: str = "local") -> ExperimentConfig:
                         "start_step": 1,
                     },
                 ),
-                MethodConfig("lora", kwargs={"rank": 2, "targets": r".*attn/query/kernel"}),
+                # low-rank dropout too: the run's per-step key reaches both streams
+                MethodConfig(
+                    "lora",
+                    kwargs={"rank": 2, "targets": r".*attn/query/kernel", "lora_dropout": 0.1},
+                ),
             ),
             steps=4,
             batch_size=4,
