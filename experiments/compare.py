@@ -9,6 +9,7 @@ Writes ``<out>/results.md``, ``<out>/results.csv``, and per experiment
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 from typing import Any
 
@@ -119,6 +120,37 @@ def plot(result: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
     return [curves, scatter]
 
 
+def collect(config, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One experiment's result from runs of disjoint subsets of its methods (e.g. run side by
+    side: ``python -m experiments.run --methods a,b --seeds N --out DIR``), rows in the
+    config's order, times and memory relative to full fine-tuning recomputed.
+
+    Raises:
+      ValueError: If the parts ran different settings or seeds, or repeat a method.
+    """
+
+    def settings(r):
+        return {k: v for k, v in r["config"].items() if k != "methods"}
+
+    first = parts[0]
+    for p in parts[1:]:
+        if settings(p) != settings(first) or p.get("seeds") != first.get("seeds"):
+            raise ValueError(f"{config.name}: the results to collect ran different settings")
+    rows = [r for p in parts for r in p["rows"]]
+    names = [r["method"] for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{config.name}: methods repeated across the results: {names}")
+    order = {m.display: i for i, m in enumerate(config.methods)}
+    rows.sort(key=lambda r: order.get(r["method"], len(order)))
+    rows = [
+        {k: v for k, v in r.items() if k not in ("time_vs_full", "temp_mem_vs_full")} for r in rows
+    ]
+    runner.relative_to_full(rows)
+    methods = [m for p in parts for m in p["config"]["methods"]]
+    methods.sort(key=lambda m: order.get(m.get("label") or m["name"], len(order)))
+    return {**first, "config": {**first["config"], "methods": methods}, "rows": rows}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run experiment configs; write table and plots.")
     ap.add_argument("--configs", default="e1_topics", help="comma-separated config modules")
@@ -130,6 +162,12 @@ def main(argv=None) -> None:
         default=1,
         help="runs per method (seeds seed, seed+1, ...); the table shows mean ± std and min–max",
     )
+    ap.add_argument(
+        "--collect",
+        default=None,
+        help="comma-separated output directories of runs of disjoint method subsets of the "
+        "(one) config: tabulate and plot them together instead of running",
+    )
     args = ap.parse_args(argv)
     distributed.initialize()  # a no-op for one process; joins the pod/cluster otherwise
     out = pathlib.Path(args.out)
@@ -137,7 +175,18 @@ def main(argv=None) -> None:
     for c in configs:  # every config is checked before the first one trains
         runner.validate(c)
     results = []
-    for c in configs:
+    if args.collect:
+        (c,) = configs
+        parts = [
+            json.loads((pathlib.Path(d) / c.name / "results.json").read_text())
+            for d in args.collect.split(",")
+        ]
+        result = collect(c, parts)
+        (out / c.name).mkdir(parents=True, exist_ok=True)
+        (out / c.name / "results.json").write_text(json.dumps(result, indent=1, default=float))
+        plot(result, out / c.name)
+        results.append(result)
+    for c in configs if not args.collect else ():
         result = runner.run(c, out, seeds=args.seeds)
         plot(result, out / c.name)
         results.append(result)

@@ -4,13 +4,17 @@
 
 For each method it builds the adapters (plus a fully trained head where the task has one),
 the method's optimizer (AdamW, warm-up + cosine schedule) and its train step, compiles the
-step once (the same executable gives XLA's cost/memory figures and runs the loop), trains
-with a progress bar, evaluates before and after, and writes under ``<out>/<experiment>/``:
+step once per bucket length (batches are padded to the next of ``config.buckets`` only; the
+longest bucket's executable gives XLA's cost/memory figures), trains with dropout from a
+per-step key and a progress bar, evaluates the merged weights before and after (one
+compiled evaluation per bucket for all methods), and writes under ``<out>/<experiment>/``:
 ``<method>/metrics.jsonl`` (every step and evaluation), ``<method>/adapters`` (the adapter
 checkpoint) and ``results.json``. Everything is validated before any training starts:
 the config's field types, method names, assets and mesh (:func:`validate`), then every
 method built from shapes alone (:func:`validate_methods`). A step whose loss, gradients or
 updates are not finite stops the run before it is checkpointed (``on_nonfinite``).
+``--seeds N`` runs every method N times (seeds ``seed .. seed+N-1``, under
+``<method>/seed<k>/``); the table then shows the mean ± std and the min–max over seeds.
 """
 
 from __future__ import annotations
@@ -532,6 +536,15 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def relative_to_full(rows: list[dict[str, Any]]) -> None:
+    """Adds each row's step time and XLA temp memory relative to full fine-tuning's row."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        if full is not None and r.get("median_step_s") and full.get("median_step_s"):
+            r["time_vs_full"] = r["median_step_s"] / full["median_step_s"]
+            r["temp_mem_vs_full"] = r["temp_bytes"] / max(full["temp_bytes"], 1)
+
+
 def run(
     config: ExperimentConfig,
     out: pathlib.Path,
@@ -582,11 +595,7 @@ def run(
             for i in range(seeds)
         ]
         rows.append(aggregate(runs))
-    full = next((r for r in rows if r["method"] == "full"), None)
-    for r in rows:
-        if full is not None and r.get("median_step_s") and full.get("median_step_s"):
-            r["time_vs_full"] = r["median_step_s"] / full["median_step_s"]
-            r["temp_mem_vs_full"] = r["temp_bytes"] / max(full["temp_bytes"], 1)
+    relative_to_full(rows)
     steps_per_epoch = -(-len(task.train[next(iter(task.train))]) // config.batch_size)
     result = {
         "config": dataclasses.asdict(config),

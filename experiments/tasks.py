@@ -47,7 +47,7 @@ class Task:
     eval: dict[str, np.ndarray]
     """Held-out arrays."""
     tokens_per_example: int
-    """Sequence length, for throughput."""
+    """The longest sequence length (``max_length``); a batch's own is its bucket's."""
     sample: Callable[[Any], list[str]] | None = None
     """``sample(merged_params)`` -> generated texts (causal LM only)."""
 

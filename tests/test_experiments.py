@@ -327,3 +327,29 @@ def test_training_subset_is_random_not_the_first_class():
     task = TASKS["classification"](config_lib.load("e1_topics", "tiny"))
     assert len(task.train["labels"]) == 64
     assert len(set(task.train["labels"].tolist())) >= 4  # the loaders group by class
+
+
+def test_collect_joins_method_subsets_in_config_order():
+    config = config_lib.load("e1_topics", "tiny")
+
+    def part(names, seeds=2):
+        rows = [
+            {"method": n, "median_step_s": s, "temp_bytes": 100 * (s or 0), "trainable_params": 1}
+            for n, s in names
+        ]
+        methods = [{"name": n, "label": None} for n, _ in names]
+        return {"config": {"name": config.name, "methods": methods}, "seeds": seeds, "rows": rows}
+
+    a, b = part([("lora", 2.0)]), part([("untrained", None), ("delta_lora", 4.0)])
+    joined = compare.collect(config, [a, b])
+    assert [r["method"] for r in joined["rows"]] == ["untrained", "delta_lora", "lora"]
+    assert [m["name"] for m in joined["config"]["methods"]] == ["untrained", "delta_lora", "lora"]
+    assert "time_vs_full" not in joined["rows"][2]  # no full FT among them
+    full = part([("full", 4.0)])
+    joined = compare.collect(config, [a, full])
+    rows = {r["method"]: r for r in joined["rows"]}
+    assert rows["lora"]["time_vs_full"] == 0.5 and rows["full"]["time_vs_full"] == 1.0
+    with pytest.raises(ValueError, match="different settings"):
+        compare.collect(config, [a, part([("full", 1.0)], seeds=3)])
+    with pytest.raises(ValueError, match="repeated"):
+        compare.collect(config, [a, a])

@@ -14,15 +14,15 @@ from experiments.config import ExperimentConfig, MethodConfig, adapter_methods
 
 TARGETS = "all-linear"  # every encoder kernel; the head is excluded by the preset
 
-# The local protocol: 3 epochs over a fixed random 480 of the 2,301 training quotes (so the
+# The local protocol: 3 epochs over a fixed random 320 of the 2,301 training quotes (so the
 # 2-core CPU budget of `bash scripts/run.sh` holds with every method and 2 seeds), batches
 # of 16 padded to the next of 16/32/48 tokens (48 is the cap: a quarter of the quotes are
 # longer), 10% linear warm-up then cosine decay to 10%, MiniLM's own dropout (0.1 hidden
 # and attention) and lora_dropout 0.1, per-method peak rates from a sweep.
-LOCAL_TRAIN_EXAMPLES = 480
+LOCAL_TRAIN_EXAMPLES = 320
 LOCAL_BATCH = 16
 LOCAL_EPOCHS = 3
-LOCAL_STEPS = LOCAL_EPOCHS * LOCAL_TRAIN_EXAMPLES // LOCAL_BATCH  # 90
+LOCAL_STEPS = LOCAL_EPOCHS * LOCAL_TRAIN_EXAMPLES // LOCAL_BATCH  # 60
 
 # Peak learning rates of the local protocol, chosen by
 #   python -m experiments.sweep --config e1_topics --variant local
