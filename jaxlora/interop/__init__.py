@@ -6,6 +6,8 @@
 * :mod:`~jaxlora.interop.hf`: :func:`hf_module_names` (kernel path -> torch module name for
   jaxlora's Llama and BERT) and :func:`export_merged` (``W + ΔW`` as a Hugging Face
   checkpoint).
+* :mod:`~jaxlora.interop.heads`: fully trained leaves (a classifier head) as PEFT's
+  ``modules_to_save``, and module maps re-keyed under a sub-tree (``prefix=``).
 * :mod:`~jaxlora.interop.files`: atomic directories and safetensors I/O.
 """
 

@@ -4,7 +4,9 @@ PEFT keys each tensor by the torch module it adapts (``base_model.model.model.la
 self_attn.q_proj.lora_A.weight``), in torch's ``(out, in)`` convention; jaxlora keys adapters
 by the JAX key path of the kernel, so both directions take a *module map* from kernel path to
 module name (:func:`jaxlora.interop.hf_module_names`); a stacked kernel maps to one module
-per layer.
+per layer. A classifier head trained in full (``jl.full`` leaves) travels as PEFT's
+``modules_to_save`` (:mod:`jaxlora.interop.heads`), and a map made for the bare backbone
+serves a tree that wraps it through ``prefix=``.
 
 This module is the generic half: reading and checking the config, matching tensors to
 modules and modules to kernels, stacking layers, writing atomically. What the tensors *are*
@@ -27,8 +29,17 @@ from typing import Any, Protocol
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.adapters import Adapter, adapter_nodes, full_leaves
+from jaxlora.adapters import FULL_KEY, Adapter, adapter_nodes, full_leaves
 from jaxlora.interop import files
+from jaxlora.interop.heads import (
+    absent_paths,
+    export_heads,
+    import_heads,
+    is_head_tensor,
+    rooted,
+    unrooted_hint,
+)
+from jaxlora.keypaths import flatten, nest
 from jaxlora.targets import KernelLayout, Target, TargetsLike, select
 
 __all__ = [
@@ -58,7 +69,6 @@ _UNSUPPORTED = {
     "lora_bias": False,
     "use_qalora": False,
     "layer_replication": None,
-    "modules_to_save": None,
     "trainable_token_indices": None,
 }
 
@@ -108,7 +118,7 @@ def module_names_of(module_names: ModuleNames, path: str, count: int) -> tuple[s
     if path not in module_names:
         raise KeyError(
             f"no Hugging Face module name for kernel {path!r}; the module map covers "
-            f"{sorted(module_names)[:6]}..."
+            f"{sorted(module_names)[:6]}...{unrooted_hint([path], module_names)}"
         )
     names = module_names[path]
     names = (names,) if isinstance(names, str) else tuple(names)
@@ -198,6 +208,8 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     use_rslora: bool = False,
+    prefix: str | None = None,
+    params: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Writes adapters in the Hugging Face PEFT format.
@@ -205,28 +217,41 @@ def export_peft(
     Supports LoRA and LoRA-FA (as ``LORA``), rsLoRA (``use_rslora=True``: the same numbers,
     ``lora_alpha`` written as ``scale·√r``), DoRA (``LORA`` with ``use_dora``) and VeRA
     (``VERA`` with ``save_projection``: the shared matrices are written, so PEFT need not
-    regenerate them from a torch seed). The result loads with
-    ``peft.PeftModel.from_pretrained(model, directory)``.
+    regenerate them from a torch seed). Fully trained leaves (``jl.full``: a classifier
+    head) are written as PEFT's ``modules_to_save``: each whole torch module under its own
+    name (``base_model.model.classifier.weight``), listed in the config. The result loads
+    with ``peft.PeftModel.from_pretrained(model, directory)``.
 
     Args:
       directory: The output directory (``adapter_config.json`` + ``adapter_model.safetensors``).
       adapters: An adapters tree of one of the supported methods.
       module_names: Kernel path -> module name in the torch model (see
         :func:`jaxlora.interop.hf_module_names`); a stacked kernel maps to one name per layer.
+        A fully trained leaf ``m/x`` takes the module named by ``m/kernel`` or ``m``
+        (``{"head": "classifier"}``); its tensor is ``weight`` (a transposed ``kernel``, a
+        ``scale``, an ``embedding``) or ``bias``. PEFT saves and loads whole modules: train
+        every leaf of a head in full (``jl.full(targets="head/.*")``), or pass ``params``.
       base_model_name_or_path: Recorded in the config (PEFT loads the base from it when
         asked to).
       task_type: PEFT's task type (``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``, ...);
         ``None`` loads onto any model.
       use_rslora: Write a LoRA scale as rsLoRA's ``alpha/√r`` instead of ``alpha/r``.
+      prefix: The sub-tree of ``adapters`` that ``module_names`` is keyed relative to, when
+        the backbone sits inside a wrapping tree (``"encoder"`` for
+        ``{"encoder": backbone, "head": head}``); keys that already name a path of the tree
+        (the head) are used as they are.
+      params: The base params. Only read for a module some of whose leaves are trained in
+        full: its other leaves (a frozen bias) are written from them, so PEFT finds the
+        whole module.
       overwrite: Replace an existing ``directory`` (only after the new one is complete).
 
     Returns:
       The directory.
 
     Raises:
-      ValueError: For mixed or unsupported methods (fully trained leaves, PEFT's
-        ``modules_to_save``, are not exported), or a module map that does not fit.
-      KeyError: If a kernel has no module name.
+      ValueError: For mixed or unsupported methods, a fully trained leaf with no torch
+        counterpart, a module map that does not fit, or a ``prefix`` that matches nothing.
+      KeyError: If a kernel or a fully trained leaf has no module name.
       FileExistsError: If ``directory`` exists and ``overwrite`` is false.
 
     Examples:
@@ -237,17 +262,29 @@ def export_peft(
       >>> config = json.loads((out / "adapter_config.json").read_text())
       >>> config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]
       ('LORA', 2, 4.0, ['fc'])
+
+      A backbone under ``"encoder"`` with a head trained in full beside it:
+
+      >>> params = {"encoder": params, "head": {"kernel": jnp.ones((3, 2))}}
+      >>> method = jl.compose(jl.lora(rank=2, targets="encoder/.*"), jl.full(targets="head/.*"))
+      >>> adapters = method.init(jax.random.key(0), params)
+      >>> names = {"dense/kernel": "fc", "head": "classifier"}
+      >>> out = jl.export_peft(tempfile.mkdtemp() + "/b", adapters, names, prefix="encoder")
+      >>> json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+      ['classifier']
     """
     nodes = adapter_nodes(adapters)
-    if full_leaves(adapters):
-        raise ValueError(
-            "export_peft: fully trained leaves (jl.full, PEFT's modules_to_save) are not "
-            f"supported: {sorted(full_leaves(adapters))}"
-        )
+    full = full_leaves(adapters)
     if not nodes:
-        raise ValueError("export_peft: the adapters tree has no adapter nodes")
+        raise ValueError(
+            "export_peft: the adapters tree has no adapter nodes"
+            + (f" (only fully trained leaves {sorted(full)})" if full else "")
+        )
+    module_names = rooted(module_names, prefix, [*nodes, *full])
     fmt = _format_of(nodes)
     tensors, config = fmt.export(adapters, nodes, module_names, use_rslora=use_rslora)
+    head_tensors, heads = export_heads(full, module_names, PREFIX, params)
+    tensors.update(head_tensors)
     config.update(
         peft_type=fmt.peft_type,
         base_model_name_or_path=base_model_name_or_path,
@@ -255,7 +292,7 @@ def export_peft(
         inference_mode=True,
         bias="none",
         fan_in_fan_out=False,
-        modules_to_save=None,
+        modules_to_save=heads or None,
         revision=None,
     )
     with files.atomic_directory(directory, overwrite) as tmp:
@@ -344,38 +381,57 @@ def import_peft(
     module_names: ModuleNames,
     *,
     targets: TargetsLike | None = None,
+    prefix: str | None = None,
     dtype: Any = jnp.float32,
 ) -> dict[str, Any]:
     """Reads a PEFT LoRA (incl. rsLoRA, DoRA) or VeRA adapter into a jaxlora adapters tree.
+
+    The tensors of PEFT's ``modules_to_save`` (a classifier head) come back as fully trained
+    leaves (``adapters["__full__"]``, as ``jl.full`` makes them), so ``merge`` and ``adapt``
+    use them in place of the base leaves, and training goes on from them.
 
     Args:
       directory: A directory written by PEFT's ``save_pretrained`` (or :func:`export_peft`).
       params: The base params the adapter belongs to (only shapes and dtypes are read).
       module_names: Kernel path -> torch module name (see
-        :func:`jaxlora.interop.hf_module_names`).
+        :func:`jaxlora.interop.hf_module_names`); a ``modules_to_save`` module is found
+        under the path the map gives it (``{"head": "classifier"}``, as for
+        :func:`export_peft`), and its ``weight`` is that module's ``kernel`` (transposed),
+        ``scale`` or ``embedding``, whichever ``params`` holds.
       targets: How to split the kernels into input/output/stack axes, when the defaults
         (last axis out, the one before in, leading axes stacked) do not fit.
-      dtype: dtype of the adapter arrays.
+      prefix: The sub-tree of ``params`` that ``module_names`` is keyed relative to (see
+        :func:`export_peft`).
+      dtype: dtype of the adapter arrays (fully trained leaves take their base leaf's).
 
     Returns:
       An adapters tree: ``LoraAdapter`` (or ``DoraAdapter``) nodes, or ``VeraAdapter`` nodes
-      with the shared matrices under ``adapters["__shared__"]["vera"]``. Imported VeRA
-      matrices are stored in the tree (the key beside them does not regenerate them, so
-      a checkpoint stores the matrices).
+      with the shared matrices under ``adapters["__shared__"]["vera"]``, plus the
+      ``modules_to_save`` leaves under ``adapters["__full__"]``. Imported VeRA matrices are
+      stored in the tree (the key beside them does not regenerate them, so a checkpoint
+      stores the matrices).
 
     Raises:
       ValueError: For another PEFT type, unsupported options (biases, ``fan_in_fan_out``,
-        ``modules_to_save``...), tensors for modules the map does not know, wrong shapes,
-        or a corrupt file.
+        ...), tensors for modules the map does not know, wrong shapes, a ``prefix`` that
+        matches nothing, or a corrupt file.
       FileNotFoundError: If the files are missing.
     """
     directory = Path(directory)
     config = _read_config(directory)
     tensors = files.load_safetensors(directory / WEIGHTS_NAME)
     fmt = _checked_format(config)
+    paths = list(flatten(params))
+    module_names = rooted(module_names, prefix, paths)
+    saved = config.get("modules_to_save") or []
+    heads = {k: v for k, v in tensors.items() if is_head_tensor(k, saved, PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if k not in heads}
     where = _module_index(module_names)
     per_module = _by_module(tensors, fmt, where, directory / WEIGHTS_NAME)
     by_path = _by_kernel(per_module, where)
+    absent = absent_paths(sorted(by_path), paths)
+    if absent:
+        raise ValueError(f"import_peft: {absent}")
     specs = targets
     if specs is None:
         # a kernel the map names layer by layer is stacked on its leading axis
@@ -387,4 +443,7 @@ def import_peft(
     missing = sorted(set(by_path) - set(layouts))
     if missing:
         raise ValueError(f"import_peft: targets do not select the adapted kernels {missing}")
-    return fmt.build(config, Kernels(tensors, by_path, per_module, layouts), dtype)
+    adapters = fmt.build(config, Kernels(tensors, by_path, per_module, layouts), dtype)
+    if heads:
+        adapters[FULL_KEY] = nest(import_heads(heads, params, module_names, PREFIX))
+    return adapters
