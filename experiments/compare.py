@@ -146,7 +146,13 @@ def collect(config, parts: list[dict[str, Any]]) -> dict[str, Any]:
         {k: v for k, v in r.items() if k not in ("time_vs_full", "temp_mem_vs_full")} for r in rows
     ]
     runner.relative_to_full(rows)
-    methods = [m for p in parts for m in p["config"]["methods"]]
+    # each part's config lists every method of the config; keep those it ran
+    methods = [
+        m
+        for p in parts
+        for m in p["config"]["methods"]
+        if (m.get("label") or m["name"]) in {r["method"] for r in p["rows"]}
+    ]
     methods.sort(key=lambda m: order.get(m.get("label") or m["name"], len(order)))
     return {**first, "config": {**first["config"], "methods": methods}, "rows": rows}
 

@@ -337,7 +337,8 @@ def test_collect_joins_method_subsets_in_config_order():
             {"method": n, "median_step_s": s, "temp_bytes": 100 * (s or 0), "trainable_params": 1}
             for n, s in names
         ]
-        methods = [{"name": n, "label": None} for n, _ in names]
+        # as run() records it: the config's every method, whichever subset ran
+        methods = [{"name": n, "label": None} for n in ("untrained", "delta_lora", "lora")]
         return {"config": {"name": config.name, "methods": methods}, "seeds": seeds, "rows": rows}
 
     a, b = part([("lora", 2.0)]), part([("untrained", None), ("delta_lora", 4.0)])
