@@ -47,6 +47,16 @@ class ExperimentConfig:
     """Global batch size (sharded over the mesh's ``data``/``fsdp`` axes)."""
     max_length: int
     """Tokens per example (longer texts are truncated)."""
+    buckets: tuple[int, ...] = (16, 32, 48, 64)
+    """Padded lengths of the batches (capped at ``max_length``): each batch of similar-length
+    examples is padded to the next of these only, so a step compiles once per bucket
+    (``jaxlora.data.BucketedBatches``). ``()``: every batch padded to ``max_length``."""
+    eval_batch_size: int = 64
+    """Examples per evaluation batch (forward only, so larger than ``batch_size`` pays)."""
+    dropout: bool = True
+    """Train with the model's own dropout (hidden and attention, at the Hugging Face
+    config's rates) and each method's low-rank dropout, from a per-step key
+    ``fold_in(key(seed), step)``; evaluation never drops. False: deterministic training."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only before and after training)."""
     warmup_steps: int = 10
@@ -61,9 +71,14 @@ class ExperimentConfig:
     """Partition rules of the base params: ``dp`` (replicated) for every task; ``fsdp``,
     ``tp``, ``fsdp_tp`` for the Llama task (``jaxlora.models.llama.partition_rules``)."""
     max_train_examples: int | None = None
-    """Cap on training examples (None: all)."""
+    """Cap on training examples (None: all): a random subset, drawn with the split's seed,
+    so every class keeps about its share."""
     max_eval_examples: int | None = None
-    """Cap on evaluation examples (None: all)."""
+    """Cap on evaluation examples (None: all), a random subset as above."""
+    eval_split: str = "validation"
+    """What to evaluate on: ``validation`` (the held-out split), or ``dev``: training
+    examples left out by ``max_train_examples`` (capped by ``max_eval_examples``), so that a
+    learning-rate sweep (``experiments.sweep``) never sees the validation set."""
     checkpoint_every: int = 0
     """Save an adapter checkpoint every this many steps (0: only at the end)."""
     generate_prompts: tuple[str, ...] = ()
@@ -133,27 +148,51 @@ def check_types(config: Any, where: str = "") -> None:
                 check_types(v, at)
 
 
+DEFAULT_LEARNING_RATES = {
+    "lora": 1e-3,
+    "lora_fa": 1e-3,
+    "vera": 1e-2,
+    "delta_lora": 1e-3,
+    "lora_plus": 2.5e-4,
+    "dora": 1e-3,
+}
+"""The usual peak rates of :func:`adapter_methods` (LoRA+'s is that of A)."""
+
+
 def adapter_methods(
-    *, rank: int, vera_rank: int, targets: str = "all-linear", delta_start: int = 10
+    *,
+    rank: int,
+    vera_rank: int,
+    targets: str = "all-linear",
+    delta_start: int = 10,
+    lora_dropout: float = 0.0,
+    learning_rates: dict[str, float] | None = None,
 ) -> tuple[MethodConfig, ...]:
     """The adapter methods every experiment compares, with their usual learning rates.
 
     LoRA-family methods use ``alpha = 2·rank``; LoRA+ starts A at a quarter of LoRA's rate,
     so B runs at 4x LoRA's (ratio 16, as the paper recommends); VeRA's vectors need a ~10x
-    larger rate than LoRA (its paper's finding).
+    larger rate than LoRA (its paper's finding). ``learning_rates`` overrides some of
+    :data:`DEFAULT_LEARNING_RATES` (e.g. with a sweep's choices). ``lora_dropout`` is
+    PEFT's dropout on the low-rank branch's input, for the methods that have one (LoRA,
+    LoRA-FA, LoRA+; Delta-LoRA's paper drops it, DoRA and VeRA here have none).
     """
+    lr = {**DEFAULT_LEARNING_RATES, **(learning_rates or {})}
     lora = {"rank": rank, "alpha": 2 * rank, "targets": targets}
+    dropped = {**lora, "lora_dropout": lora_dropout} if lora_dropout else lora
     return (
-        MethodConfig("lora", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("lora_fa", learning_rate=1e-3, kwargs=lora),
-        MethodConfig("vera", learning_rate=1e-2, kwargs={"rank": vera_rank, "targets": targets}),
+        MethodConfig("lora", learning_rate=lr["lora"], kwargs=dropped),
+        MethodConfig("lora_fa", learning_rate=lr["lora_fa"], kwargs=dropped),
+        MethodConfig(
+            "vera", learning_rate=lr["vera"], kwargs={"rank": vera_rank, "targets": targets}
+        ),
         MethodConfig(
             "delta_lora",
-            learning_rate=1e-3,
+            learning_rate=lr["delta_lora"],
             kwargs={**lora, "lam": 0.5, "start_step": delta_start},
         ),
-        MethodConfig("lora_plus", learning_rate=2.5e-4, kwargs={**lora, "ratio": 16.0}),
-        MethodConfig("dora", learning_rate=1e-3, kwargs=lora),
+        MethodConfig("lora_plus", learning_rate=lr["lora_plus"], kwargs={**dropped, "ratio": 16.0}),
+        MethodConfig("dora", learning_rate=lr["dora"], kwargs=lora),
     )
 
 

@@ -4,13 +4,17 @@
 
 For each method it builds the adapters (plus a fully trained head where the task has one),
 the method's optimizer (AdamW, warm-up + cosine schedule) and its train step, compiles the
-step once (the same executable gives XLA's cost/memory figures and runs the loop), trains
-with a progress bar, evaluates before and after, and writes under ``<out>/<experiment>/``:
+step once per bucket length (batches are padded to the next of ``config.buckets`` only; the
+longest bucket's executable gives XLA's cost/memory figures), trains with dropout from a
+per-step key and a progress bar, evaluates the merged weights before and after (one
+compiled evaluation per bucket for all methods), and writes under ``<out>/<experiment>/``:
 ``<method>/metrics.jsonl`` (every step and evaluation), ``<method>/adapters`` (the adapter
 checkpoint) and ``results.json``. Everything is validated before any training starts:
 the config's field types, method names, assets and mesh (:func:`validate`), then every
 method built from shapes alone (:func:`validate_methods`). A step whose loss, gradients or
 updates are not finite stops the run before it is checkpointed (``on_nonfinite``).
+``--seeds N`` runs every method N times (seeds ``seed .. seed+N-1``, under
+``<method>/seed<k>/``); the table then shows the mean ± std and the min–max over seeds.
 """
 
 from __future__ import annotations
@@ -63,10 +67,7 @@ def method_recipe(m: MethodConfig, task: Task) -> Recipe:
         return Recipe("full", jl.full(targets=".*"), default_optimizer)
     if m.name in ("linear_probe", "untrained"):
         return Recipe(m.name, jl.full(targets=task.head or "(?!)"), default_optimizer)
-    recipe = jl.recipe(m.name, **m.kwargs)
-    if task.head is None:
-        return recipe
-    return dataclasses.replace(recipe, method=jl.compose(recipe.method, jl.full(targets=task.head)))
+    return jl.recipe(m.name, **m.kwargs, train=task.head)  # None: no head to train
 
 
 def validate(config: ExperimentConfig) -> None:
@@ -174,11 +175,18 @@ def _schedule(config: ExperimentConfig, lr: float):
     )
 
 
-def evaluate(task: Task, run_eval, params, adapters, batch_size: int) -> dict[str, float]:
-    """Sums ``task.eval_fn`` over the held-out set and finishes the metrics."""
+def evaluate(task: Task, run_eval, params, adapters, config: ExperimentConfig) -> dict[str, float]:
+    """Sums ``task.eval_fn`` over the held-out set and finishes the metrics.
+
+    It evaluates the merged weights (``jl.merge``: what export and inference use), so one
+    jitted ``run_eval`` serves every method and seed: it compiles once per bucket length.
+    """
+    merged = jl.merge(params, adapters)
     sums: dict[str, float] = {}
-    for batch in data.sequential_batches(task.eval, batch_size):
-        out = run_eval(params, adapters, batch)
+    for batch in data.bucketed_sequential_batches(
+        task.eval, config.eval_batch_size, config.buckets or (config.max_length,)
+    ):
+        out = run_eval(merged, batch)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: float(v) for k, v in task.finish(sums).items()}
@@ -238,7 +246,7 @@ class _State:
     adapters: Any
     opt_state: Any
     shardings: dict[str, Any]
-    batches: data.Batches
+    batches: data.BucketedBatches
     step: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -267,7 +275,12 @@ def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _Sta
         "opt_state": sh.opt_state_shardings(tx, adapters, ash),
         "batch": sh.batch_sharding(mesh),
     }
-    batches = data.Batches(task.train, batch_size=config.batch_size, seed=config.seed)
+    batches = data.BucketedBatches(
+        task.train,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        buckets=config.buckets or (config.max_length,),
+    )
     return _State(recipe, tx, params, adapters, opt_state, shardings, batches)
 
 
@@ -289,9 +302,40 @@ def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
     st.history = [r for r in records if r["step"] == 0 or ("loss" in r and r["step"] <= st.step)]
 
 
-def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet, row) -> list:
+class _Executables:
+    """A method's compiled train steps, one per batch shape (bucket length), shared by its
+    seeds: the step, its optimizer and shardings are the same for every seed."""
+
+    def __init__(self):
+        self.by_shape: dict[tuple, Any] = {}
+        self.compile_s: list[float] = []
+
+    def get(self, step, st: _State, batch: dict[str, Any], key) -> Any:
+        shape = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if shape not in self.by_shape:
+            args = (st.params, st.adapters, st.opt_state, batch) + (() if key is None else (key,))
+            t0 = time.perf_counter()
+            self.by_shape[shape] = step.lower(*args).compile()
+            self.compile_s.append(time.perf_counter() - t0)
+        return self.by_shape[shape]
+
+
+def _step_key(key, step: int):
+    """The dropout key of training step ``step`` (0-based): a pure function of the run's key
+    and the step, so a resumed run draws the same masks as an uninterrupted one. (The run's
+    key also initialises the adapters; the dropout stream is folded off it first.)"""
+    return jax.random.fold_in(jax.random.fold_in(key, _DROPOUT_STREAM), step)
+
+
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
+
+def _train(
+    config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet, row, executables
+) -> list:
     """The training loop from ``st.step`` to ``last``; returns each step's wall time."""
     shd = st.shardings
+    rng = config.dropout  # a per-step key for the model's and the low-rank dropout
     step = jl.sharded_train_step(
         task.loss_fn,
         st.tx,
@@ -300,12 +344,14 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         opt_state_shardings=shd["opt_state"],
         batch_sharding=shd["batch"],
         skip_nonfinite=config.on_nonfinite == "skip",
+        with_rng=rng,
     )
+    # XLA's figures come from the longest bucket's executable (compiled first: every
+    # method reports the same shape), the run compiles each other bucket when it first
+    # comes up
     example = next(iter(data.sequential_batches(task.train, config.batch_size)))
-    example.pop("valid")
     batch = _put_batch(example, shd["batch"])
-    # one compilation serves both XLA's figures and the run
-    compiled = step.lower(st.params, st.adapters, st.opt_state, batch).compile()
+    compiled = executables.get(step, st, batch, _step_key(key, 0) if rng else None)
     cost = cost_of(compiled)
     row.update(flops=cost.flops, temp_bytes=cost.temp_bytes)
     times = []
@@ -321,9 +367,11 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
     )
     for i in bar:
         batch = _put_batch(next(st.batches), shd["batch"])
+        extra = (_step_key(key, i),) if rng else ()
+        compiled = executables.get(step, st, batch, extra[0] if extra else None)
         t0 = time.perf_counter()
         st.params, st.adapters, st.opt_state, metrics = compiled(
-            st.params, st.adapters, st.opt_state, batch
+            st.params, st.adapters, st.opt_state, batch, *extra
         )
         loss = float(metrics["loss"])  # blocks: the step is finished
         dt = time.perf_counter() - t0
@@ -331,11 +379,17 @@ def _train(config, m, task, st: _State, *, key, last, log, ckpt, eval_fn, quiet,
         st.step = i + 1
         if not bool(metrics["finite"]):
             _nonfinite(config, m, st, metrics, saving)
-        tok_s = config.batch_size * task.tokens_per_example / dt
+        tok_s = config.batch_size * int(batch["input_ids"].shape[1]) / dt
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        record = {"step": st.step, "loss": loss, "time_s": dt, "tokens_per_s": tok_s}
+        record = {
+            "step": st.step,
+            "loss": loss,
+            "time_s": dt,
+            "tokens_per_s": tok_s,
+            "length": int(batch["input_ids"].shape[1]),  # the batch's bucket
+        }
         if config.eval_every and st.step % config.eval_every == 0 and st.step < config.steps:
-            record["eval"] = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+            record["eval"] = evaluate(task, eval_fn, st.params, st.adapters, config)
         log.write(record)
         st.history.append(record)
         every = config.checkpoint_every
@@ -363,17 +417,24 @@ def run_method(
     quiet: bool = False,
     resume: bool = False,
     stop_after: int | None = None,
+    eval_fn=None,
+    executables: _Executables | None = None,
+    method_dir: pathlib.Path | None = None,
 ) -> dict[str, Any]:
-    """Trains and evaluates one method; returns its row of the results table.
+    """Trains and evaluates one method with ``config.seed``; returns its results.
 
     With ``resume`` it continues from the method's latest checkpoint (adapters, optimizer
-    state, moved base, data position), bit-for-bit as if never stopped. ``stop_after``
-    ends the run after that many steps in total, as an interruption would (for tests).
+    state, moved base, data position; the dropout key of each step is derived from the
+    seed and the step), bit-for-bit as if never stopped. ``stop_after`` ends the run after
+    that many steps in total, as an interruption would (for tests). ``eval_fn`` and
+    ``executables`` let several runs share compiled code (:func:`run` passes them).
     """
     key = jax.random.key(config.seed)
     st = _prepare(config, m, task, key)
-    eval_fn = jax.jit(jl.adapt(task.eval_fn))
-    method_dir = out_dir / m.display
+    eval_fn = eval_fn or jax.jit(task.eval_fn)
+    executables = executables or _Executables()
+    compiles_before = len(executables.compile_s)
+    method_dir = method_dir or out_dir / m.display
     method_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = method_dir / "checkpoints"
     manager = jl.CheckpointManager(
@@ -385,11 +446,12 @@ def run_method(
         if st.history:
             before = st.history[0]["eval"]
         else:
-            before = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+            before = evaluate(task, eval_fn, st.params, st.adapters, config)
             st.history.append({"step": 0, "eval": before})
         trainable = jl.num_trainable(st.adapters)
         row: dict[str, Any] = {
             "method": m.display,
+            "seed": config.seed,
             "trainable_params": trainable if m.name != "untrained" else 0,
             "method_params": trainable - _head_params(st.adapters)
             if m.name != "full"
@@ -414,8 +476,9 @@ def run_method(
                     eval_fn=eval_fn,
                     quiet=quiet,
                     row=row,
+                    executables=executables,
                 )
-                after = evaluate(task, eval_fn, st.params, st.adapters, config.batch_size)
+                after = evaluate(task, eval_fn, st.params, st.adapters, config)
             else:
                 after = before
             log.write({"step": last, "eval": after})
@@ -425,6 +488,9 @@ def run_method(
         after=after,
         losses=[r["loss"] for r in st.history if "loss" in r],
         median_step_s=statistics.median(steady) if steady else None,
+        train_s=sum(times),
+        compiles=len(executables.compile_s) - compiles_before,
+        compile_s=sum(executables.compile_s[compiles_before:]),
         trainable_bytes=array_bytes(split_trainable(st.adapters, st.adapters)[0]),
         checkpoint_bytes=_latest_checkpoint_bytes(ckpt_dir),
     )
@@ -432,6 +498,51 @@ def run_method(
         row["samples_before"] = task.sample(task.params)
         row["samples_after"] = task.sample(jl.merge(st.params, st.adapters))
     return row
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's row from its per-seed runs: metrics as the mean over seeds, with their
+    spread (``after_spread[metric] = {mean, std, min, max}``; std is the sample standard
+    deviation over seeds), the mean loss curve, and each run under ``runs``."""
+    first = runs[0]
+    row = {k: v for k, v in first.items() if k not in ("seed", "losses")}
+    row["seeds"] = [r["seed"] for r in runs]
+    for when in ("before", "after"):
+        row[when] = {k: statistics.fmean(r[when][k] for r in runs) for k in first[when]}
+        row[f"{when}_spread"] = {k: _spread([r[when][k] for r in runs]) for k in first[when]}
+    n = min(len(r["losses"]) for r in runs)
+    row["losses"] = [statistics.fmean(r["losses"][i] for r in runs) for i in range(n)]
+    row["losses_min"] = [min(r["losses"][i] for r in runs) for i in range(n)]
+    row["losses_max"] = [max(r["losses"][i] for r in runs) for i in range(n)]
+    times = [r["median_step_s"] for r in runs if r.get("median_step_s")]
+    row["median_step_s"] = statistics.median(times) if times else None
+    row["compiles"] = sum(r.get("compiles", 0) for r in runs)
+    row["compile_s"] = sum(r.get("compile_s", 0.0) for r in runs)
+    row["train_s"] = sum(r.get("train_s", 0.0) for r in runs)
+    row["runs"] = [
+        {k: r[k] for k in ("seed", "before", "after", "median_step_s", "train_s") if k in r}
+        for r in runs
+    ]
+    return row
+
+
+def relative_to_full(rows: list[dict[str, Any]]) -> None:
+    """Adds each row's step time and XLA temp memory relative to full fine-tuning's row."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        if full is not None and r.get("median_step_s") and full.get("median_step_s"):
+            r["time_vs_full"] = r["median_step_s"] / full["median_step_s"]
+            r["temp_mem_vs_full"] = r["temp_bytes"] / max(full["temp_bytes"], 1)
 
 
 def run(
@@ -442,9 +553,20 @@ def run(
     quiet=False,
     resume=False,
     stop_after=None,
+    seeds: int = 1,
 ):
-    """Runs every method of ``config`` (or the named subset) and writes ``results.json``."""
+    """Runs every method of ``config`` (or the named subset) and writes ``results.json``.
+
+    With ``seeds > 1`` every method runs once per seed ``config.seed + i`` (adapter
+    init, data order and dropout differ; the task, its split, training subset
+    and head init stay those of ``config.seed``), each under ``<method>/seed<k>/``, and its
+    row holds the mean over seeds with the spread (:func:`aggregate`). A method's seeds
+    share its compiled steps, and all methods share the compiled evaluation, so the
+    compiles are (number of buckets used) per method plus one evaluation per bucket.
+    """
     validate(config)
+    if not (isinstance(seeds, int) and seeds >= 1):
+        raise ConfigError(f"{config.name}: seeds must be a positive integer, got {seeds!r}")
     chosen = [m for m in config.methods if methods is None or m.display in methods]
     if methods is not None and len(chosen) != len(methods):
         known = [m.display for m in config.methods]
@@ -453,19 +575,44 @@ def run(
     validate_methods(config, task, chosen)
     out_dir = out / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [
-        run_method(config, m, task, out_dir, quiet=quiet, resume=resume, stop_after=stop_after)
-        for m in chosen
-    ]
-    full = next((r for r in rows if r["method"] == "full"), None)
-    for r in rows:
-        if full is not None and r.get("median_step_s") and full.get("median_step_s"):
-            r["time_vs_full"] = r["median_step_s"] / full["median_step_s"]
-            r["temp_mem_vs_full"] = r["temp_bytes"] / max(full["temp_bytes"], 1)
+    eval_fn = jax.jit(task.eval_fn)  # on merged weights: one compilation for every method
+    rows = []
+    for m in chosen:
+        executables = _Executables()
+        runs = [
+            run_method(
+                dataclasses.replace(config, seed=config.seed + i),
+                m,
+                task,
+                out_dir,
+                quiet=quiet,
+                resume=resume,
+                stop_after=stop_after,
+                eval_fn=eval_fn,
+                executables=executables,
+                method_dir=out_dir / m.display / f"seed{config.seed + i}" if seeds > 1 else None,
+            )
+            for i in range(seeds)
+        ]
+        rows.append(aggregate(runs))
+    relative_to_full(rows)
+    steps_per_epoch = -(-len(task.train[next(iter(task.train))]) // config.batch_size)
     result = {
         "config": dataclasses.asdict(config),
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
+        "seeds": seeds,
+        "train_examples": len(task.train[next(iter(task.train))]),
+        "eval_examples": len(task.eval[next(iter(task.eval))]),
+        "epochs": config.steps / steps_per_epoch,
+        "eval_compiles": len(
+            {
+                tuple(sorted((k, v.shape) for k, v in b.items()))
+                for b in data.bucketed_sequential_batches(
+                    task.eval, config.eval_batch_size, config.buckets or (config.max_length,)
+                )
+            }
+        ),
         "rows": rows,
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
@@ -479,11 +626,14 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     ap.add_argument("--out", default="results", help="results directory")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoints")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per method (seed, seed+1, ...)")
     args = ap.parse_args(argv)
     distributed.initialize()  # a no-op for one process; joins the pod/cluster otherwise
     config = config_lib.load(args.config, args.variant)
     methods = None if args.methods is None else args.methods.split(",")
-    result = run(config, pathlib.Path(args.out), methods=methods, resume=args.resume)
+    result = run(
+        config, pathlib.Path(args.out), methods=methods, resume=args.resume, seeds=args.seeds
+    )
     print(table([result]))
 
 

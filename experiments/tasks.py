@@ -31,8 +31,9 @@ class Task:
     """Base parameters, including a freshly initialised head if the task adds one."""
     head: str | None
     """Regex of the head's leaves (trained in full by every method), or None."""
-    loss_fn: Callable[[Any, dict[str, Any]], jax.Array]
-    """``loss_fn(params, batch)``: mean training loss."""
+    loss_fn: Callable[..., jax.Array]
+    """``loss_fn(params, batch, key=None)``: the training loss, averaged over the batch's
+    ``valid`` examples; ``key`` drives the model's dropout (None: no dropout)."""
     eval_fn: Callable[[Any, dict[str, Any]], dict[str, jax.Array]]
     """``eval_fn(params, batch)``: metric sums over the batch's valid examples."""
     finish: Callable[[dict[str, float]], dict[str, float]]
@@ -46,7 +47,7 @@ class Task:
     eval: dict[str, np.ndarray]
     """Held-out arrays."""
     tokens_per_example: int
-    """Sequence length, for throughput."""
+    """The longest sequence length (``max_length``); a batch's own is its bucket's."""
     sample: Callable[[Any], list[str]] | None = None
     """``sample(merged_params)`` -> generated texts (causal LM only)."""
 
@@ -60,8 +61,52 @@ def partition_rules(preset: str):
     return llama.partition_rules(preset)
 
 
-def _cap(arrays: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray]:
-    return arrays if n is None else {k: v[:n] for k, v in arrays.items()}
+def _take(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def _subsets(
+    arrays: dict[str, np.ndarray], n: int | None, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A random subset of ``n`` examples (in data order) and the examples left out.
+
+    The loaders return examples grouped by class, so a prefix would be one class only; a
+    seeded permutation keeps about every class's share.
+    """
+    total = len(next(iter(arrays.values())))
+    if n is None or n >= total:
+        return arrays, _take(arrays, np.zeros(0, np.int64))
+    order = np.random.default_rng([seed, 7]).permutation(total)
+    return _take(arrays, np.sort(order[:n])), _take(arrays, np.sort(order[n:]))
+
+
+def _splits(
+    config: ExperimentConfig, train: dict[str, np.ndarray], val: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The training set and the evaluation set the config asks for (``eval_split``)."""
+    train, left_out = _subsets(train, config.max_train_examples, config.seed)
+    if config.eval_split == "validation":
+        held_out = val
+    elif config.eval_split == "dev":
+        held_out = left_out
+        if not len(held_out["labels" if "labels" in held_out else "input_ids"]):
+            raise ValueError(
+                f"{config.name}: eval_split='dev' needs training examples left out by "
+                "max_train_examples, and it leaves none"
+            )
+    else:
+        raise ValueError(
+            f"{config.name}: eval_split must be 'validation' or 'dev', got {config.eval_split!r}"
+        )
+    return train, _subsets(held_out, config.max_eval_examples, config.seed + 1)[0]
+
+
+def _weighted_mean(per_example: jax.Array, batch: dict[str, Any]) -> jax.Array:
+    """The mean over the batch's ``valid`` examples (all of them when it has none)."""
+    if "valid" not in batch:
+        return jnp.mean(per_example)
+    w = batch["valid"].astype(per_example.dtype)
+    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def topic_classification(config: ExperimentConfig) -> Task:
@@ -81,16 +126,21 @@ def topic_classification(config: ExperimentConfig) -> Task:
     }
     params = {"encoder": jax.tree_util.tree_map(jnp.asarray, encoder), "head": head}
 
-    def logits(p, batch):
+    def logits(p, batch, key=None):
         hidden = bert.apply(
-            p["encoder"], batch["input_ids"], batch["attention_mask"], config=bert_config
+            p["encoder"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            config=bert_config,
+            dropout_rng=key,
         )
         pooled = bert.mean_pool(hidden, batch["attention_mask"])
         return pooled @ p["head"]["kernel"] + p["head"]["bias"]
 
-    def loss_fn(p, batch):
-        logp = jax.nn.log_softmax(logits(p, batch))
-        return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1))
+    def loss_fn(p, batch, key=None):
+        logp = jax.nn.log_softmax(logits(p, batch, key))
+        nll = -jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1)[:, 0]
+        return _weighted_mean(nll, batch)
 
     def eval_fn(p, batch):
         lg = logits(p, batch)
@@ -107,6 +157,7 @@ def topic_classification(config: ExperimentConfig) -> Task:
     def finish(s):
         return {"accuracy": s["correct"] / s["count"], "loss": s["nll"] / s["count"]}
 
+    train, held_out = _splits(config, enc(train), enc(val))
     return Task(
         params=params,
         head=r"head/.*",
@@ -115,8 +166,8 @@ def topic_classification(config: ExperimentConfig) -> Task:
         finish=finish,
         metric="accuracy",
         higher_is_better=True,
-        train=_cap(enc(train), config.max_train_examples),
-        eval=_cap(enc(val), config.max_eval_examples),
+        train=train,
+        eval=held_out,
         tokens_per_example=config.max_length,
     )
 
@@ -141,9 +192,14 @@ def causal_lm(config: ExperimentConfig) -> Task:
             f"got {config.base_quantization!r}"
         )
 
-    def loss_fn(p, batch):
-        lg = llama.apply(p, batch["input_ids"], batch["attention_mask"], config=model_config)
-        return llama.causal_lm_loss(lg, batch["input_ids"], batch["loss_mask"])
+    def loss_fn(p, batch, key=None):
+        lg = llama.apply(
+            p, batch["input_ids"], batch["attention_mask"], config=model_config, dropout_rng=key
+        )
+        mask = batch["loss_mask"]
+        if "valid" in batch:  # a short bucketed batch's filler rows carry no loss
+            mask = mask * batch["valid"][:, None]
+        return llama.causal_lm_loss(lg, batch["input_ids"], mask)
 
     def eval_fn(p, batch):
         mask = batch["loss_mask"] * batch["valid"][:, None]
@@ -156,6 +212,8 @@ def causal_lm(config: ExperimentConfig) -> Task:
 
     def finish(s):
         return {"loss": s["nll"] / s["tokens"]}
+
+    train, held_out = _splits(config, enc(train), enc(val))
 
     # an answer ends at the end-of-turn token; without it greedy decoding runs on into
     # invented further turns
@@ -178,8 +236,8 @@ def causal_lm(config: ExperimentConfig) -> Task:
         finish=finish,
         metric="loss",
         higher_is_better=False,
-        train=_cap(enc(train), config.max_train_examples),
-        eval=_cap(enc(val), config.max_eval_examples),
+        train=train,
+        eval=held_out,
         tokens_per_example=config.max_length,
         sample=sample,
     )

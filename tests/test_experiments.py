@@ -218,3 +218,139 @@ def test_non_finite_steps_skipped_or_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"step 3 is not finite.*no further checkpoints"):
         runner.run(config, tmp_path / "warn", quiet=True)
     assert _checkpoint_steps(tmp_path / "warn" / config.name / "lora" / "checkpoints") == [1, 2]
+
+
+def test_seeds_give_mean_and_spread_and_share_compiled_steps(tmp_path):
+    config = dataclasses.replace(
+        config_lib.load("e1_topics", "tiny"), max_length=32, buckets=(16, 32)
+    )
+    result = runner.run(config, tmp_path, methods=["lora"], quiet=True, seeds=2)
+    (row,) = result["rows"]
+    assert row["seeds"] == [0, 1] and [r["seed"] for r in row["runs"]] == [0, 1]
+    accs = [r["after"]["accuracy"] for r in row["runs"]]
+    assert row["after"]["accuracy"] == pytest.approx(np.mean(accs))
+    spread = row["after_spread"]["accuracy"]
+    assert spread["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert (spread["min"], spread["max"]) == (min(accs), max(accs))
+    runs = [
+        json.loads(x)
+        for x in (tmp_path / config.name / "lora" / "seed1" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    lengths = {r["length"] for r in runs if "length" in r}
+    first = [
+        json.loads(x)
+        for x in (tmp_path / config.name / "lora" / "seed0" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    lengths |= {r["length"] for r in first if "length" in r}
+    # one compile per bucket length used (the longest always, for XLA's figures), all by
+    # the first seed: the second reuses them
+    assert lengths <= {16, 32}
+    assert row["compiles"] == len(lengths | {32})
+    assert [r for r in row["runs"]][1]["seed"] == 1
+    losses = np.array([[r["loss"] for r in rs if "loss" in r] for rs in (first, runs)])
+    np.testing.assert_allclose(row["losses"], losses.mean(0), rtol=1e-6)
+    assert not np.array_equal(losses[0], losses[1])  # the seeds really differ
+    md = compare.table([result])
+    assert f"{row['after']['accuracy']:.3f} ± {spread['std']:.3f}" in md
+    assert f"{spread['min']:.3f}–{spread['max']:.3f}" in md and "over 2 seeds" in md
+    plots = compare.plot(result, tmp_path / config.name)
+    assert all(p.stat().st_size > 10_000 for p in plots)
+
+
+def test_table_marks_differences_beyond_the_spread():
+    def row(name, values, params=10):
+        return {
+            "method": name,
+            "trainable_params": params,
+            "method_params": params,
+            "before": {"accuracy": 0.1},
+            "after": {"accuracy": float(np.mean(values))},
+            "after_spread": {
+                "accuracy": {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values, ddof=1)),
+                    "min": min(values),
+                    "max": max(values),
+                }
+            },
+            "seeds": [0, 1],
+            "trainable_bytes": 40,
+        }
+
+    result = {
+        "config": {"name": "x"},
+        "metric": "accuracy",
+        "seeds": 2,
+        "rows": [
+            row("full", [0.80, 0.82], 1000),
+            row("a", [0.85, 0.86]),
+            row("b", [0.81, 0.83]),
+        ],
+    }
+    md = compare.table([result])
+    assert "| x | a | 10 | 10 | 0.100 | 0.855 ± 0.007 | 0.850–0.860 | +0.045 * |" in md
+    assert "| +0.010 |" in md  # b's range overlaps full FT's: no star
+
+
+def test_sweep_picks_the_best_dev_rate_without_the_validation_set(tmp_path):
+    from experiments import sweep
+
+    base = config_lib.load("e1_topics", "tiny")
+    config = sweep.sweep_config(base, (1.0, 30.0), methods=["lora"], dev_examples=16)
+    assert [m.display for m in config.methods] == ["lora@1", "lora@30"]
+    assert config.eval_split == "dev"
+    assert [m.learning_rate for m in config.methods] == [1e-3, pytest.approx(3e-2)]
+    result = runner.run(config, tmp_path, quiet=True)
+    choices = sweep.choose(result, config, (1.0, 30.0))
+    tried = choices["lora"]["tried"]
+    best = max(tried, key=lambda t: t["accuracy"])
+    assert choices["lora"]["chosen"] == best["learning_rate"]
+    assert "| lora | 0.001 |" in sweep.markdown(choices, "accuracy")
+    # the dev set is training quotes outside the training subset, not the validation split
+    from experiments.tasks import TASKS
+
+    dev, val = TASKS["classification"](config), TASKS["classification"](base)
+    train_texts = {tuple(x) for x in dev.train["input_ids"].tolist()}
+    assert not train_texts & {tuple(x) for x in dev.eval["input_ids"].tolist()}
+    assert not np.array_equal(dev.eval["input_ids"], val.eval["input_ids"])
+    with pytest.raises(ValueError, match="max_train_examples"):
+        sweep.sweep_config(dataclasses.replace(base, max_train_examples=None))
+
+
+def test_training_subset_is_random_not_the_first_class():
+    from experiments.tasks import TASKS
+
+    task = TASKS["classification"](config_lib.load("e1_topics", "tiny"))
+    assert len(task.train["labels"]) == 64
+    assert len(set(task.train["labels"].tolist())) >= 4  # the loaders group by class
+
+
+def test_collect_joins_method_subsets_in_config_order():
+    config = config_lib.load("e1_topics", "tiny")
+
+    def part(names, seeds=2):
+        rows = [
+            {"method": n, "median_step_s": s, "temp_bytes": 100 * (s or 0), "trainable_params": 1}
+            for n, s in names
+        ]
+        # as run() records it: the config's every method, whichever subset ran
+        methods = [{"name": n, "label": None} for n in ("untrained", "delta_lora", "lora")]
+        return {"config": {"name": config.name, "methods": methods}, "seeds": seeds, "rows": rows}
+
+    a, b = part([("lora", 2.0)]), part([("untrained", None), ("delta_lora", 4.0)])
+    joined = compare.collect(config, [a, b])
+    assert [r["method"] for r in joined["rows"]] == ["untrained", "delta_lora", "lora"]
+    assert [m["name"] for m in joined["config"]["methods"]] == ["untrained", "delta_lora", "lora"]
+    assert "time_vs_full" not in joined["rows"][2]  # no full FT among them
+    full = part([("full", 4.0)])
+    joined = compare.collect(config, [a, full])
+    rows = {r["method"]: r for r in joined["rows"]}
+    assert rows["lora"]["time_vs_full"] == 0.5 and rows["full"]["time_vs_full"] == 1.0
+    with pytest.raises(ValueError, match="different settings"):
+        compare.collect(config, [a, part([("full", 1.0)], seeds=3)])
+    with pytest.raises(ValueError, match="repeated"):
+        compare.collect(config, [a, a])
