@@ -348,10 +348,11 @@ def test_smollm2_nf4_load_never_holds_the_float_model():
         f"{(m['peak'] - m['baseline']) / 2**20:.0f} MiB = {growth:.2f}x the float32 weights"
     )
     assert m["weights"] == 134_515_008 * 4
-    assert m["stored"] < 0.1 * m["weights"]
-    # the float route's growth is about 1.3x (its bound 2.5x); the file's own memory map
-    # (94 MiB, 0.18x) is read either way
-    assert growth < 0.5
+    assert m["stored"] < 0.14 * m["weights"]  # 4 bits + about 0.13 bits of scales: 0.13x
+    # Holding the float model would take 1.0x by itself (the float route grows by more).
+    # Measured 0.72x: gguf's reader (its memory map, 94 MiB, and parsed metadata, ~80 MiB:
+    # 0.33x, either route), the codes (0.13x), one tensor's temporaries, heap slack.
+    assert growth < 1.0
 
 
 # --------------------------------------------------- quantizing while reading (QLoRA)
