@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from jaxlora.adapters import Adapter, adapter_nodes, map_targeted, shared_state
-from jaxlora.quant import constrain
+from jaxlora.quant import constrain, gather_rows
 from jaxlora.targets import is_kernel_leaf, path_str
 
 __all__ = ["AdaptError", "AdaptReport", "adapt", "adapt_report", "layer_shardings"]
@@ -1002,7 +1002,23 @@ _DOT_GENERAL = _prim("dot_general_p")
 _CONVERT, _COPY = _prim("convert_element_type_p"), _prim("copy_p")
 _SHARDING = _prim("sharding_constraint_p")
 
+
 # The one table of primitive-specific behaviour (see the module docstring).
+def _gather(ctx: _Ctx, eqn, invals):
+    """A lookup in a non-targeted quantized table gathers rows of codes, then dequantizes."""
+    k, indices = invals
+    if not isinstance(k, _Lazy) or k.path is not None or isinstance(indices, _Lazy):
+        return None
+    if not isinstance(k.w, _Deferred) or not _shape_preserving(k.w.ops):
+        return None
+    rows = gather_rows(k.w.q, indices, **eqn.params)
+    if rows is None:
+        return None
+    for op in k.w.ops:  # dtype casts commute with the gather
+        rows = _bind(op, [rows])[0]
+    return [rows]
+
+
 _RULES: dict[Any, Callable] = {
     prim: rule
     for prim, rule in [
@@ -1019,6 +1035,7 @@ _RULES: dict[Any, Callable] = {
         (_prim("remat_p", "checkpoint_p"), _remat),
         (_prim("cond_p"), _cond),
         (_prim("scan_p"), _scan),
+        (_prim("gather_p"), _gather),
     ]
     if prim is not None
 }

@@ -42,7 +42,15 @@ import numpy as np
 
 from jaxlora.targets import TargetError, TargetsLike, is_kernel_leaf, match, path_str
 
-__all__ = ["KINDS", "NF4_CODE", "QuantizedKernel", "dequantize", "quantize", "quantize_kernel"]
+__all__ = [
+    "KINDS",
+    "NF4_CODE",
+    "QuantizedKernel",
+    "dequantize",
+    "gather_rows",
+    "quantize",
+    "quantize_kernel",
+]
 
 KINDS = ("int8", "nf4", "q4_1")
 """The supported formats."""
@@ -75,6 +83,9 @@ NF4_CODE = np.array(
 _DEFAULT_BLOCK = {"nf4": 64, "q4_1": 32}
 _PACKED = ("nf4", "q4_1")  # two 4-bit codes per byte along the blocked axis
 _DQ_GROUP = 256  # QLoRA's second-level block size
+# Divisions by constants are multiplications by their float32 reciprocals, as XLA compiles
+# them anyway: numpy then computes the same scales.
+_INV127 = np.float32(1 / 127)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,11 +220,39 @@ def _unpack(data: jax.Array, ax: int) -> jax.Array:
     return both.reshape(*data.shape[:ax], 2 * data.shape[ax], *data.shape[ax + 1 :])
 
 
-def _pack(codes: jax.Array, ax: int) -> jax.Array:
-    pairs = _blocked(codes.astype(jnp.uint8), ax, 2)
-    lo = jnp.take(pairs, 0, axis=ax + 1)
-    hi = jnp.take(pairs, 1, axis=ax + 1)
+def _pack(codes: Any, ax: int) -> Any:
+    xp = _xp(codes)
+    pairs = _blocked(codes.astype(np.uint8), ax, 2)
+    lo = xp.take(pairs, 0, axis=ax + 1)
+    hi = xp.take(pairs, 1, axis=ax + 1)
     return lo | (hi << 4)
+
+
+def _xp(x: Any):
+    """numpy for host arrays (no XLA compilation, synchronous), jax.numpy otherwise."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def _group_mean(g: Any, axis: int) -> Any:
+    """The mean over ``axis`` by a fixed pairwise tree of elementwise float32 additions
+    (then a multiplication by ``1/n``).
+
+    numpy and XLA reduce in different orders, so ``mean`` can differ in the last bit
+    between them; this sum is the same in both (zeros pad the axis to a power of two, and
+    adding 0.0 is exact).
+    """
+    xp = _xp(g)
+    n = g.shape[axis]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        pad = [(0, 0)] * g.ndim
+        pad[axis] = (0, width - n)
+        g = xp.pad(g, pad)
+    lead = (slice(None),) * axis
+    while g.shape[axis] > 1:
+        half = g.shape[axis] // 2
+        g = g[(*lead, slice(0, half))] + g[(*lead, slice(half, None))]
+    return xp.squeeze(g, axis) * np.float32(1 / n)
 
 
 def _absmax_scales(q: QuantizedKernel, ax: int) -> jax.Array:
@@ -260,6 +299,11 @@ def quantize_kernel(
 ) -> QuantizedKernel:
     """Quantizes one float kernel, in blocks along ``axis``.
 
+    A host (numpy) kernel is quantized with numpy, into numpy codes and scales (no XLA
+    compilation: what the loaders use while reading a checkpoint); a jax array with
+    ``jax.numpy``. The two agree but for rare rounding ties: XLA's fused division can be
+    an ulp off IEEE's, moving a value sitting on a code boundary to the next code.
+
     Args:
       w: The kernel (any float dtype); its dtype becomes the logical dtype.
       kind: ``"int8"``, ``"nf4"`` or ``"q4_1"``.
@@ -286,7 +330,8 @@ def quantize_kernel(
         raise ValueError(f"{path!r}: unknown quantization kind {kind!r}; choose one of {KINDS}")
     if double_quant and kind != "nf4":
         raise ValueError(f"{path!r}: double quantization is defined for 'nf4' only, not {kind!r}")
-    w = jnp.asarray(w)
+    xp = _xp(w)
+    w = xp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"{path!r}: can only quantize float kernels, got {w.dtype}")
     ndim = w.ndim
@@ -301,30 +346,31 @@ def quantize_kernel(
             f"need a{'n even' if kind in _PACKED else ''} block that divides its size {n}; "
             "pass block=... or leave this kernel out of the targets"
         )
-    x = _blocked(w.astype(jnp.float32), ax, block)
+    x = _blocked(w.astype(np.float32), ax, block)
+    f32 = np.float32
     fields: dict[str, Any] = {}
     if kind == "int8":
-        absmax = jnp.max(jnp.abs(x), axis=ax + 1)
-        step = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-        data = jnp.clip(jnp.round(x / jnp.expand_dims(step, ax + 1)), -127, 127).astype(jnp.int8)
+        absmax = xp.max(xp.abs(x), axis=ax + 1)
+        step = xp.where(absmax > 0, absmax * _INV127, f32(1.0))
+        data = xp.clip(xp.round(x / xp.expand_dims(step, ax + 1)), -127, 127).astype(np.int8)
         fields.update(data=data.reshape(w.shape), scale=step)
     elif kind == "nf4":
-        absmax = jnp.max(jnp.abs(x), axis=ax + 1)
-        safe = jnp.where(absmax > 0, absmax, 1.0)
-        scaled = x / jnp.expand_dims(safe, ax + 1)
+        absmax = xp.max(xp.abs(x), axis=ax + 1)
+        safe = xp.where(absmax > 0, absmax, f32(1.0))
+        scaled = x / xp.expand_dims(safe, ax + 1)
         mid = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
-        codes = jnp.searchsorted(jnp.asarray(mid), scaled.reshape(-1)).reshape(scaled.shape)
+        codes = xp.searchsorted(xp.asarray(mid), scaled.reshape(-1)).reshape(scaled.shape)
         fields.update(data=_pack(codes.reshape(w.shape), ax), scale=absmax)
         if double_quant:
             fields.update(_double_quant(absmax, ax))
     else:
-        lo, hi = jnp.min(x, axis=ax + 1), jnp.max(x, axis=ax + 1)
-        d = ((hi - lo) / 15.0).astype(jnp.float16)
-        m = lo.astype(jnp.float16)
-        d32 = d.astype(jnp.float32)
-        safe = jnp.expand_dims(jnp.where(d32 > 0, d32, 1.0), ax + 1)
-        codes = jnp.round((x - jnp.expand_dims(m.astype(jnp.float32), ax + 1)) / safe)
-        codes = jnp.clip(codes, 0, 15).reshape(w.shape)
+        lo, hi = xp.min(x, axis=ax + 1), xp.max(x, axis=ax + 1)
+        d = ((hi - lo) * f32(1 / 15)).astype(np.float16)
+        m = lo.astype(np.float16)
+        d32 = d.astype(np.float32)
+        safe = xp.expand_dims(xp.where(d32 > 0, d32, f32(1.0)), ax + 1)
+        codes = xp.round((x - xp.expand_dims(m.astype(np.float32), ax + 1)) / safe)
+        codes = xp.clip(codes, 0, 15).reshape(w.shape)
         fields.update(data=_pack(codes, ax), scale=d, offset=m)
     group = fields.pop("group", 0)
     return QuantizedKernel(
@@ -339,15 +385,16 @@ def quantize_kernel(
 
 def _double_quant(absmax: jax.Array, ax: int) -> dict[str, Any]:
     """Int8 codes of the absmax scales, centred on each group's mean (QLoRA §3)."""
+    xp = _xp(absmax)
     group = _largest_divisor(absmax.shape[ax], _DQ_GROUP)
     g = _blocked(absmax, ax, group)
-    mean = jnp.mean(g, axis=ax + 1)
-    centred = g - jnp.expand_dims(mean, ax + 1)
-    top = jnp.max(jnp.abs(centred), axis=ax + 1)
-    step = jnp.where(top > 0, top / 127.0, 1.0)
-    codes = jnp.clip(jnp.round(centred / jnp.expand_dims(step, ax + 1)), -127, 127)
+    mean = _group_mean(g, ax + 1)
+    centred = g - xp.expand_dims(mean, ax + 1)
+    top = xp.max(xp.abs(centred), axis=ax + 1)
+    step = xp.where(top > 0, top * _INV127, np.float32(1.0))
+    codes = xp.clip(xp.round(centred / xp.expand_dims(step, ax + 1)), -127, 127)
     return dict(
-        scale=codes.astype(jnp.int8).reshape(absmax.shape),
+        scale=codes.astype(np.int8).reshape(absmax.shape),
         scale_scale=step,
         scale_offset=mean,
         group=group,
@@ -506,6 +553,68 @@ def constrain(q: QuantizedKernel, sharding: Any) -> QuantizedKernel:
         named = jax.sharding.NamedSharding(mesh, spec) if x is not None else None
         out[f] = x if x is None else jax.lax.with_sharding_constraint(x, named)
     return dataclasses.replace(q, **out)
+
+
+def gather_rows(q: QuantizedKernel, indices: jax.Array, **params: Any) -> jax.Array | None:
+    """``lax.gather(q.dequantize(), indices, **params)`` from gathered codes and scales.
+
+    An embedding lookup (``jnp.take(embedding, ids, axis=0)``) of a quantized embedding
+    blocked along its hidden axis: each child is gathered with the same indices, whole
+    along the blocked axis, and only the gathered rows are dequantized, never the table.
+
+    Args:
+      q: The quantized kernel (the gather's operand).
+      indices: The gather's start indices.
+      **params: The ``gather`` primitive's parameters (``dimension_numbers``,
+        ``slice_sizes``, ``mode``, ``fill_value``, ``indices_are_sorted``,
+        ``unique_indices``).
+
+    Returns:
+      The gathered float rows (exactly the gather of the dequantized kernel, including
+      the fill value of out-of-range indices), or None when the gather indexes or slices
+      the blocked axis (then only the dequantized kernel can be gathered).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax import lax
+      >>> table = jnp.arange(4 * 64.0).reshape(4, 64) / 256
+      >>> q = quantize_kernel(table, kind="int8", axis=-1)
+      >>> ids = jnp.array([[2], [0]])
+      >>> dn = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,),
+      ...                                 start_index_map=(0,))
+      >>> rows = gather_rows(q, ids, dimension_numbers=dn, slice_sizes=(1, 64),
+      ...                    mode=lax.GatherScatterMode.CLIP, fill_value=None,
+      ...                    indices_are_sorted=False, unique_indices=False)
+      >>> bool(jnp.all(rows == q.dequantize()[jnp.array([2, 0])]))
+      True
+    """
+    dn = params["dimension_numbers"]
+    ax = q.axis % q.ndim
+    sizes = tuple(params["slice_sizes"])
+    batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    if ax in dn.start_index_map or ax in dn.collapsed_slice_dims or ax in batching:
+        return None
+    if sizes[ax] != q.shape[ax]:
+        return None
+    kept = [d for d in range(q.ndim) if d not in dn.collapsed_slice_dims and d not in batching]
+    options = {k: v for k, v in params.items() if k not in ("slice_sizes", "fill_value")}
+
+    def take(x, fill=None):
+        if x is None:
+            return None
+        s = list(sizes)
+        s[ax] = x.shape[ax]
+        return jax.lax.gather(x, indices, slice_sizes=tuple(s), fill_value=fill, **options)
+
+    rows = {f: take(getattr(q, f)) for f in _CHILDREN}
+    out_ax = dn.offset_dims[kept.index(ax)]
+    out_ndim = rows["data"].ndim
+    out = dataclasses.replace(q, **rows, axis=out_ax - out_ndim).dequantize()
+    if params.get("mode") == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        # out-of-range rows read the fill value (NaN by default), as the float gather does
+        zero = jnp.zeros(tuple(1 if d == ax else n for d, n in enumerate(q.shape)), out.dtype)
+        out = out + take(zero, params.get("fill_value"))
+    return out
 
 
 def dense(x: Any) -> Any:

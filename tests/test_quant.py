@@ -433,3 +433,133 @@ def test_sharded_quantized_cases():
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+# --------------------------------------------------------- numpy quantizer (the loaders')
+
+
+@pytest.mark.parametrize("kind,dq", KINDS)
+def test_numpy_quantizer_agrees_with_jax_numpy(kind, dq):
+    """Host arrays quantize with numpy; jax arrays with XLA, whose fused division may be an
+    ulp off IEEE's, so a value on a code boundary may land one code away, rarely."""
+    w = np.asarray(_random((576, 384)))
+    a = quant.quantize_kernel(w, kind=kind, double_quant=dq)
+    b = quant.quantize_kernel(jnp.asarray(w), kind=kind, double_quant=dq)
+    assert isinstance(a.data, np.ndarray) and not isinstance(b.data, np.ndarray)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for f in ("scale", "offset", "scale_scale", "scale_offset"):
+        x, y = getattr(a, f), getattr(b, f)
+        if x is not None:
+            if x.dtype == np.int8:  # double-quantized scale codes: ties only
+                assert np.mean(x != np.asarray(y)) < 1e-3
+            else:
+                np.testing.assert_array_equal(x, np.asarray(y))
+    ca = np.asarray(quant._unpack(jnp.asarray(a.data), 0)).astype(int)
+    cb = np.asarray(quant._unpack(b.data, 0)).astype(int)
+    if kind == "int8":
+        ca, cb = a.data.astype(int), np.asarray(b.data).astype(int)
+    assert np.max(np.abs(ca - cb)) <= 1 and np.mean(ca != cb) < 1e-4
+
+
+# ------------------------------------------------------------ quantized embedding tables
+
+
+def _tiny_llama(tied):
+    from jaxlora.models import llama
+
+    c = llama.LlamaConfig(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_embeddings=tied,
+        scan_layers=True,
+        remat=True,
+    )
+    p = llama.init_params(jax.random.key(3), c)
+    q = jl.quantize(p, targets=jl.targets.stacked("all-linear"), kind="nf4", double_quant=True)
+    q["embed"]["embedding"] = quant.quantize_kernel(
+        p["embed"]["embedding"], kind="nf4", axis=-1, double_quant=True
+    )
+    ids = jax.random.randint(jax.random.key(4), (2, 12), 0, c.vocab_size)
+
+    def loss(params, ids):
+        return llama.causal_lm_loss(llama.apply(params, ids, config=c), ids)
+
+    return c, q, ids, loss
+
+
+def _all_float_shapes(jaxpr):
+    """Shapes of every float value in a jaxpr and its sub-jaxprs (scan, remat, jit bodies)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            if jnp.issubdtype(v.aval.dtype, jnp.floating):
+                out.append(tuple(v.aval.shape))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple | list) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _all_float_shapes(inner)
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("name", ["lora", "dora", "vera"])
+def test_quantized_embedding_under_adapt_equals_merged_dequantized(name, tied):
+    _, qparams, ids, loss = _tiny_llama(tied)
+    kw = {"vera": dict(rank=8)}.get(name, dict(rank=4, alpha=8.0))
+    spec = jl.recipe(name, targets=jl.targets.stacked("all-linear"), **kw)
+    adapters = _perturbed(spec.init(jax.random.key(1), qparams), jax.random.key(2))
+    _check_value_and_grad(loss, qparams, adapters, ids)
+
+
+def test_quantized_embedding_lookup_gathers_rows_of_codes():
+    c, qparams, ids, loss = _tiny_llama(tied=False)
+    adapters = jl.lora(rank=4, targets=jl.targets.stacked("all-linear")).init(
+        jax.random.key(1), qparams
+    )
+    trainable, frozen = split_trainable(adapters, adapters)
+    f = lambda t: jl.adapt(loss)(qparams, join_trainable(t, frozen), ids)
+    table = (c.vocab_size, c.hidden_size)
+    # untied: the table is only looked up, so no float copy of it exists anywhere
+    assert table not in _all_float_shapes(jax.make_jaxpr(jax.grad(f))(trainable).jaxpr)
+    ref = lambda t: loss(jl.merge(jl.dequantize(qparams), join_trainable(t, frozen)), ids)
+    assert table in _all_float_shapes(jax.make_jaxpr(jax.grad(ref))(trainable).jaxpr)
+
+
+def test_gather_rows_equals_gathering_the_dequantized_table():
+    from jax import lax
+
+    table = _random((10, 128))
+    for kind, dq in KINDS:
+        q = quant.quantize_kernel(table, kind=kind, axis=-1, double_quant=dq)
+        ids = jnp.array([[3, 0, 9], [11, -1, 2]])  # 11 is out of range, -1 too
+        dense = q.dequantize()
+        dn = lax.GatherDimensionNumbers(
+            offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        for mode in (lax.GatherScatterMode.FILL_OR_DROP, lax.GatherScatterMode.CLIP):
+            params = dict(
+                dimension_numbers=dn,
+                slice_sizes=(1, 128),
+                mode=mode,
+                fill_value=None,
+                indices_are_sorted=False,
+                unique_indices=False,
+            )
+            got = quant.gather_rows(q, ids[..., None], **params)
+            want = lax.gather(dense, ids[..., None], **params)
+            np.testing.assert_array_equal(got, want)  # NaN rows where out of range
+        # a gather that slices the blocked axis is not a row lookup: None (dequantize)
+        cols = lax.GatherDimensionNumbers(
+            offset_dims=(0,), collapsed_slice_dims=(1,), start_index_map=(1,)
+        )
+        assert (
+            quant.gather_rows(
+                q, ids[0, :, None], **{**params, "dimension_numbers": cols, "slice_sizes": (10, 1)}
+            )
+            is None
+        )

@@ -9,8 +9,14 @@ and greedy answers to a few prompts before and after.
 
 ``qlora`` is ``local``'s LoRA on an NF4 base (QLoRA: blocks of 64, double-quantized scales,
 the base kept packed and dequantized per layer inside the step), to compare with ``local``'s
-float-base LoRA. Delta-LoRA, which moves its base kernels, and full fine-tuning are left
-out: neither trains a frozen quantized base.
+float-base LoRA, the same protocol on the float32 base::
+
+    python -m experiments.run --config e2_causal_lm --variant local --methods lora
+
+Delta-LoRA, which moves its base kernels, and full fine-tuning are left out: neither
+trains a frozen quantized base. Measured (2026-12-02, 40 steps, 128 held-out dialogues):
+held-out loss 2.149 -> 1.754 on the float32 base, 2.337 -> 1.867 on NF4 (1.064x the
+float-base result; the NF4 base starts 8.7 % worse, re-quantized from the file's Q4_1).
 """
 
 from __future__ import annotations

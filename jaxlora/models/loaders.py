@@ -11,7 +11,9 @@ and a tensor reader:
 3. Tensors are read one at a time (safetensors memory-mapped, GGUF dequantised to float32),
    transformed and put on the device immediately, so besides the finished tree at most one
    tensor (or, with ``scan_layers``, one stacked group) exists as a host copy: never more
-   than two copies of the weights.
+   than two copies of the weights. Asked for a quantized base (``quantize="nf4"``), the
+   loaders quantize each tensor (each layer's, before stacking) as soon as it is read, so
+   at most one float tensor exists at a time and the float model is never held.
 
 Tokenizers come from the files shipped with the model: a ``tokenizer.json`` when present,
 otherwise the vocabulary and merges embedded in the GGUF metadata.
@@ -32,7 +34,7 @@ import numpy as np
 
 from jaxlora.models.bert import BertConfig
 from jaxlora.models.llama import LlamaConfig
-from jaxlora.quant import QuantizedKernel, q4_1_children
+from jaxlora.quant import KINDS, QuantizedKernel, q4_1_children, quantize_kernel
 
 PathLike = str | os.PathLike
 
@@ -49,6 +51,85 @@ class _Tensor:
 
 def _transpose(x: np.ndarray) -> np.ndarray:
     return x.T
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quantizer:
+    """Quantizes planned tensors as they are read (the loaders' ``quantize=`` argument).
+
+    The kernels ``jaxlora.quantize(params, targets="all-linear", ...)`` would select (every
+    ``kernel`` but an output head's), blocked along their input axis, and, with
+    ``embedding``, the token embedding blocked along its hidden axis: the axis the tied
+    output projection ``x @ embedding.T`` contracts, so that a looked-up row is whole
+    blocks.
+    """
+
+    kind: str
+    double_quant: bool
+    embedding: bool
+
+    def axis(self, path: tuple[str, ...]) -> int | None:
+        """The blocked axis of the tensor at ``path``, or None to keep it float."""
+        if path[-1] == "kernel" and not {"lm_head", "head", "classifier", "score"} & set(path):
+            return -2
+        if self.embedding and path[-1] == "embedding":
+            return -1
+        return None
+
+    def by_rows(self, t: _Tensor) -> bool:
+        """Whether ``t`` is quantized a slab of rows at a time (read and quantized in pieces).
+
+        Untransformed 2-D tensors blocked along their last axis: the token embedding, the
+        largest tensor of a small model, whose float copy would otherwise set the peak.
+        """
+        return t.transform is None and len(t.shape) == 2 and self.axis(t.path) == -1
+
+    def __call__(self, path: tuple[str, ...], x: np.ndarray) -> Any:
+        axis = self.axis(path)
+        if axis is None:
+            return x
+        q = quantize_kernel(
+            np.asarray(x),
+            kind=self.kind,
+            axis=axis,
+            double_quant=self.double_quant,
+            path="/".join(path),
+        )
+        return q  # x is a host array: numpy codes and scales, no XLA compilation
+
+
+QUANTIZE_ROWS = 4096
+"""Rows per slab when the loaders quantize a tensor by rows (see ``_Quantizer.by_rows``)."""
+
+
+def _quantize_by_rows(reader, t: _Tensor, quantizer: _Quantizer, dtype: Any) -> QuantizedKernel:
+    """Reads and quantizes ``t`` a slab of rows at a time; the same codes as all at once.
+
+    Blocks (and double-quantization groups) run along the last axis, so every row's codes
+    and scales depend on that row alone.
+    """
+    parts = []
+    for start in range(0, t.shape[0], QUANTIZE_ROWS):
+        stop = min(start + QUANTIZE_ROWS, t.shape[0])
+        x = np.asarray(reader.read_rows(t.source, start, stop)).astype(dtype, copy=False)
+        parts.append(jax.tree_util.tree_map(np.asarray, quantizer(t.path, x)))
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *parts)
+
+
+def _quantizer(
+    quantize: str | None, double_quant: bool | None, quantize_embedding: bool
+) -> _Quantizer | None:
+    if quantize is None:
+        if quantize_embedding or double_quant:
+            raise ValueError(
+                "quantize_embedding and double_quant need quantize='nf4' (or 'int8', 'q4_1')"
+            )
+        return None
+    if quantize not in KINDS:
+        raise ValueError(f"unknown quantize={quantize!r}; choose one of {KINDS} or None")
+    if double_quant is None:
+        double_quant = quantize == "nf4"  # QLoRA's default
+    return _Quantizer(quantize, bool(double_quant), bool(quantize_embedding))
 
 
 # ----------------------------------------------------------------------------- readers
@@ -70,6 +151,9 @@ class _SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         return self._handles[name].get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._handles[name].get_slice(name)[start:stop]
 
 
 class _GGUFReader:
@@ -93,6 +177,15 @@ class _GGUFReader:
         if self._quantized and tensor.tensor_type == GGMLQuantizationType.Q4_1:
             return q4_1_children(np.asarray(tensor.data), self.shapes[name])
         return dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (numpy order), dequantised to float32."""
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[name]
+        rows = np.asarray(tensor.data).reshape(self.shapes[name][0], -1)[start:stop]
+        shape = (stop - start, *self.shapes[name][1:])
+        return dequantize(rows, tensor.tensor_type).reshape(shape)
 
 
 # ---------------------------------------------------------------------- plan and build
@@ -131,10 +224,23 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _build(plan: list[_Tensor], reader, *, dtype: Any, stack_layers: bool) -> dict[str, Any]:
-    """Reads, transforms and places every planned tensor; stacks per-layer ones if asked."""
+def _build(
+    plan: list[_Tensor],
+    reader,
+    *,
+    dtype: Any,
+    stack_layers: bool,
+    quantizer: _Quantizer | None = None,
+) -> dict[str, Any]:
+    """Reads, transforms and places every planned tensor; stacks per-layer ones if asked.
+
+    With a ``quantizer``, each tensor it selects is quantized right after it is read, and
+    only its codes and scales are kept.
+    """
 
     def load(t: _Tensor) -> Any:
+        if quantizer is not None and quantizer.by_rows(t):
+            return _quantize_by_rows(reader, t, quantizer, dtype)
         x = reader.read(t.source)
         if isinstance(x, dict):  # quantized blocks: each array transforms like the weight
             x = {k: t.transform(v) if t.transform else v for k, v in x.items()}
@@ -143,7 +249,8 @@ def _build(plan: list[_Tensor], reader, *, dtype: Any, stack_layers: bool) -> di
             return QuantizedKernel(
                 **x, kind="q4_1", axis=axis, block=32, dtype_name=np.dtype(dtype).name
             )
-        return (t.transform(x) if t.transform else x).astype(dtype, copy=False)
+        x = (t.transform(x) if t.transform else x).astype(dtype, copy=False)
+        return x if quantizer is None else quantizer(t.path, x)
 
     tree: dict[str, Any] = {}
     groups: dict[tuple[str, ...], dict[int, _Tensor]] = {}
@@ -302,9 +409,16 @@ def load_llama_safetensors(
     config: LlamaConfig | None = None,
     dtype: Any = np.float32,
     strict: bool = True,
+    quantize: str | None = None,
+    double_quant: bool | None = None,
+    quantize_embedding: bool = False,
     **overrides: Any,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a Hugging Face Llama checkpoint (``save_pretrained`` layout).
+
+    With ``quantize`` the base comes back quantized (QLoRA), tensor by tensor as it is
+    read: the same tree as ``jaxlora.quantize(params, targets="all-linear", kind=quantize,
+    double_quant=...)`` of the float load, without ever holding the float model.
 
     Args:
       path: a checkpoint directory (``config.json`` plus ``model.safetensors`` or a sharded
@@ -313,6 +427,12 @@ def load_llama_safetensors(
       dtype: dtype of the returned parameters.
       strict: raise on tensors the model does not use (rotary ``inv_freq`` buffers, and a
         redundant ``lm_head.weight`` when embeddings are tied, are always tolerated).
+      quantize: ``"nf4"``, ``"int8"`` or ``"q4_1"`` (see :func:`jaxlora.quant.quantize`)
+        to quantize every linear kernel but an untied ``lm_head`` while loading.
+      double_quant: NF4's double quantization of the block scales (default: on for NF4).
+      quantize_embedding: also quantize ``embed/embedding``, in blocks along its hidden
+        axis; under :func:`jaxlora.adapt` a lookup then gathers rows of codes and
+        dequantizes only those, and a tied output projection dequantizes it per use.
       **overrides: config fields to set, e.g. ``scan_layers=True``.
 
     Returns:
@@ -330,7 +450,10 @@ def load_llama_safetensors(
         n.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and n == "lm_head.weight")
     )
     _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"checkpoint {path}")
-    return config, _build(plan, reader, dtype=dtype, stack_layers=config.scan_layers)
+    quantizer = _quantizer(quantize, double_quant, quantize_embedding)
+    return config, _build(
+        plan, reader, dtype=dtype, stack_layers=config.scan_layers, quantizer=quantizer
+    )
 
 
 def _gguf_field(reader, key: str, default: Any = None) -> Any:
@@ -388,6 +511,9 @@ def load_llama_gguf(
     dtype: Any = np.float32,
     strict: bool = True,
     quantized: bool = False,
+    quantize: str | None = None,
+    double_quant: bool | None = None,
+    quantize_embedding: bool = False,
     **overrides: Any,
 ) -> tuple[LlamaConfig, dict[str, Any]]:
     """Loads a llama.cpp GGUF Llama model, dequantised, with q/k rows un-permuted.
@@ -397,13 +523,24 @@ def load_llama_gguf(
     ``quantized=True``, Q4_1 tensors stay quantized: each becomes a
     :class:`jaxlora.quant.QuantizedKernel` (``kind="q4_1"``) holding the file's own codes
     and scales (repacked, q/k rows un-permuted), a frozen base for QLoRA-style training
-    that dequantizes to exactly the values of the float route.
+    that dequantizes to exactly the values of the float route. With ``quantize="nf4"``
+    (or ``"int8"``, ``"q4_1"``) every linear kernel is instead re-quantized from its float
+    values as soon as it is read (QLoRA from a GGUF file, without holding the float model):
+    the same tree as ``jaxlora.quantize(params, targets="all-linear", kind=quantize,
+    double_quant=...)`` of the float load.
 
     Args:
       path: the ``.gguf`` file.
       dtype: dtype of the returned parameters (the logical dtype of quantized kernels).
       strict: raise on tensors the model does not use (``rope_freqs`` is always tolerated).
       quantized: keep Q4_1 tensors quantized instead of dequantising them.
+      quantize: ``"nf4"``, ``"int8"`` or ``"q4_1"``: quantize every linear kernel but an
+        untied ``lm_head`` while loading (not with ``quantized``).
+      double_quant: NF4's double quantization of the block scales (default: on for NF4).
+      quantize_embedding: also quantize ``embed/embedding`` (with ``quantize``), in blocks
+        along its hidden axis; under :func:`jaxlora.adapt` a lookup then gathers rows of
+        codes and dequantizes only those, and the tied output projection dequantizes it
+        per use.
       **overrides: config fields to set, e.g. ``scan_layers=True``.
 
     Returns:
@@ -411,17 +548,30 @@ def load_llama_gguf(
 
     Raises:
       ValueError: if the file is not a Llama model, or tensors are missing, unexpected or
-        mis-shaped (all named).
+        mis-shaped (all named), or for contradicting quantization arguments.
+
+    Examples:
+      QLoRA's base straight from the file (NF4, double-quantized scales)::
+
+          config, qparams = load_llama_gguf(path, scan_layers=True, quantize="nf4")
     """
     from gguf import GGUFReader
 
+    quantizer = _quantizer(quantize, double_quant, quantize_embedding)
+    if quantized and quantizer is not None:
+        raise ValueError(
+            f"load_llama_gguf: quantized=True keeps the file's Q4_1 codes; quantize="
+            f"{quantize!r} re-quantizes from float: pass one of them"
+        )
     gguf_reader = GGUFReader(str(path))
     config = llama_config_from_gguf(gguf_reader, **overrides)
     reader = _GGUFReader(gguf_reader, quantized=quantized)
     plan = _llama_plan(config, "gguf")
     ignore = lambda n: n == "rope_freqs.weight"
     _check(plan, reader.shapes, strict=strict, ignore=ignore, what=f"GGUF file {path}")
-    return config, _build(plan, reader, dtype=dtype, stack_layers=config.scan_layers)
+    return config, _build(
+        plan, reader, dtype=dtype, stack_layers=config.scan_layers, quantizer=quantizer
+    )
 
 
 # -------------------------------------------------------------------------------- BERT
