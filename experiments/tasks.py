@@ -20,7 +20,7 @@ import numpy as np
 from experiments.config import ExperimentConfig
 from jaxlora import assets, data
 from jaxlora.models import bert, llama, loaders
-from jaxlora.quant import quantize
+from jaxlora.quant import dequantize, quantize
 
 
 @dataclasses.dataclass
@@ -220,6 +220,7 @@ def causal_lm(config: ExperimentConfig) -> Task:
     end_of_turn = tokenizer.token_to_id("<|im_end|>")
 
     def sample(merged):
+        merged = dequantize(merged)  # generate runs flax modules: a float base
         out = []
         for prompt in config.generate_prompts:
             ids = tokenizer.encode(data.CHATML[0].format(prompt=prompt)).ids
