@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import xxhash
 from jl_testing import randomize
 
 import jaxlora as jl
@@ -121,7 +122,7 @@ def test_a_flipped_byte_in_an_unpacked_array_is_refused_naming_it(tmp_path):
     flip(data_files(tmp_path / "1" / "adapters")[0], 0.3)
     with (
         CheckpointManager(tmp_path) as mgr,
-        pytest.raises(CorruptCheckpointError, match=r"checksum mismatch.* big/kernel/a \(crc32"),
+        pytest.raises(CorruptCheckpointError, match=r"checksum mismatch.* big/kernel/a \(xxh3_64"),
     ):
         mgr.restore(adapters=target)
 
@@ -157,45 +158,103 @@ def test_every_step_corrupt_raises(tmp_path):
         restore(tmp_path, fallback=True)
 
 
+def flat_paths(tree):
+    return [
+        ("/".join(path_tuple(kp, unbox=False)), x)
+        for kp, x in jax.tree_util.tree_leaves_with_path(tree)
+    ]
+
+
 def test_every_array_has_a_checksum_in_the_step(tmp_path):
     save_steps(tmp_path, [1])
     with CheckpointManager(tmp_path) as mgr:
-        assert mgr.metadata(1)["checksum_algorithm"] == "crc32"
-    # written by the step's own item, one file per process, so it is atomic with the step
-    sums = json.loads((tmp_path / "1" / "checksums" / "process_0.json").read_text())
+        meta = mgr.metadata(1)
+    # in the step's metadata, so it is written atomically with the step
+    assert meta["checksum_algorithm"] == "xxh3_64"
+    sums = meta["checksums"]
     assert set(sums) == {"adapters", "opt_state"}
     adapters, opt_state = state(1)
     for name, tree in [("adapters", adapters), ("opt_state", opt_state)]:
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
         want = {
-            "/".join(path_tuple(kp, unbox=False)): f"{zlib.crc32(np.asarray(x).tobytes()):08x}"
-            for kp, x in flat
+            path: f"{xxhash.xxh3_64_intdigest(np.asarray(x).tobytes()):016x}"
+            for path, x in flat_paths(tree)
         }
-        assert sums[name] == want  # an independent CRC of every array's C-order bytes
+        assert sums[name] == want  # an independent hash of every array's C-order bytes
 
 
-def test_a_checksum_file_that_is_lost_is_refused(tmp_path):
-    save_steps(tmp_path, [1, 2])
+def crc32_records(step):
+    """The CRC-32 records of ``state(step)``, as format-2 steps recorded them."""
+    adapters, opt_state = state(step)
+    return {
+        name: {path: f"{zlib.crc32(np.asarray(x).tobytes()):08x}" for path, x in flat_paths(tree)}
+        for name, tree in [("adapters", adapters), ("opt_state", opt_state)]
+    }
+
+
+def rewrite_meta(step_dir: Path, edit) -> None:
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def as_item_step(step_dir: Path, step: int) -> None:
+    """Rewrites a step as format 2 wrote it (later): CRC-32s in a ``checksums`` item."""
+
+    def edit(meta):
+        del meta["checksums"]
+        meta.update(format=2, checksum_algorithm="crc32", checksums_item="checksums")
+
+    rewrite_meta(step_dir, edit)
+    (step_dir / "checksums").mkdir()
+    (step_dir / "checksums" / "process_0.json").write_text(json.dumps(crc32_records(step)))
+
+
+def test_steps_with_a_checksums_item_are_still_verified(tmp_path):
+    save_steps(tmp_path, [1, 2, 3])
+    for step in (1, 2, 3):
+        as_item_step(tmp_path / str(step), step)
+    assert restore(tmp_path, step=3).step == 3  # intact: its CRC-32s match
+    flip(data_files(tmp_path / "3" / "adapters")[0], 0.5)
+    with pytest.raises(CorruptCheckpointError, match=r"step 3 .*adapters.*\(crc32"):
+        restore(tmp_path, step=3)
+    # a lost records file is refused, and fallback walks past both
     (tmp_path / "2" / "checksums" / "process_0.json").unlink()
     with pytest.raises(CorruptCheckpointError, match=r"step 2 .*checksums cannot be read"):
-        restore(tmp_path)
-    with pytest.warns(UserWarning, match="restored step 1"):
-        assert restore(tmp_path, fallback=True).step == 1
+        restore(tmp_path, step=2)
+    with pytest.warns(UserWarning, match=r"step 3 .*step 2 .*restored step 1"):
+        st = restore(tmp_path, fallback=True)
+    assert st.step == 1
+    assert_trees_equal(st.adapters, state(1)[0])
 
 
-def test_steps_with_checksums_in_their_metadata_are_still_verified(tmp_path):
-    # how jaxlora 0.1 wrote them: the records inside the step's JSON metadata
+def test_an_array_without_a_recorded_checksum_is_refused(tmp_path):
+    # a step that records an algorithm must hold a record for every array it stores
     save_steps(tmp_path, [1])
-    meta_file = tmp_path / "1" / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    sums_dir = tmp_path / "1" / "checksums"
-    meta["checksums"] = json.loads((sums_dir / "process_0.json").read_text())
-    del meta["checksums_item"]
-    meta_file.write_text(json.dumps(meta))
-    shutil.rmtree(sums_dir)
+    rewrite_meta(tmp_path / "1", lambda meta: meta["checksums"]["opt_state"].popitem())
+    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*opt_state.*no checksum recorded"):
+        restore(tmp_path)
+
+
+def test_steps_with_crc32_checksums_in_their_metadata_are_still_verified(tmp_path):
+    # how format 2 first wrote them: CRC-32 records inside the step's JSON metadata
+    save_steps(tmp_path, [1])
+
+    def edit(meta):
+        meta.update(format=2, checksums=crc32_records(1))
+        del meta["checksum_algorithm"]
+
+    rewrite_meta(tmp_path / "1", edit)
     restore(tmp_path)  # intact
     flip(data_files(tmp_path / "1" / "opt_state")[0], 0.5)
-    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*opt_state"):
+    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*opt_state.*\(crc32"):
+        restore(tmp_path)
+
+
+def test_a_step_with_an_unknown_checksum_algorithm_is_refused(tmp_path):
+    save_steps(tmp_path, [1])
+    rewrite_meta(tmp_path / "1", lambda meta: meta.update(checksum_algorithm="sha3-512"))
+    with pytest.raises(CorruptCheckpointError, match=r"step 1 .*'sha3-512'.*upgrade jaxlora"):
         restore(tmp_path)
 
 

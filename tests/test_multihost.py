@@ -170,11 +170,12 @@ def test_multihost_checkpoints_are_checksummed_per_shard(tmp_path):
     for layout in ("fsdp onto fsdp", "fsdp onto reversed devices", "fsdp onto replicated"):
         assert f"[0] restored {layout}" in out and f"[1] restored {layout}" in out, out
     assert "[0] restored repl onto fsdp" in out and "[0] OK 0" in out and "[1] OK 1" in out
-    # process 1 recorded the regions it holds of each factor, keyed by index
+    # each process recorded the regions it holds of each factor, keyed by index, and the
+    # records were gathered into the step's metadata (written by process 0)
     qa = "layers/0/attn/q_proj/kernel/a"
-    sums = json.loads((tmp_path / "fsdp" / "1" / "checksums" / "process_1.json").read_text())
-    regions = [index for index, _ in sums["adapters"][qa]]
-    assert regions == [[[128, 192], [0, 16]], [[192, 256], [0, 16]]], regions
+    meta = json.loads((tmp_path / "fsdp" / "1" / "meta" / "metadata").read_text())
+    regions = [index for index, _ in meta["checksums"]["adapters"][qa]]
+    assert regions == [[[lo, lo + 64], [0, 16]] for lo in (0, 64, 128, 192)], regions
     wrote = dict(re.findall(r"^\[\d\] WROTE (\w+) ([0-9a-f]+)$", out, flags=re.M))
     assert set(wrote) == {"fsdp", "repl"}, out
     assert "[1] WROTE fsdp" in out  # a region written by process 1

@@ -32,12 +32,12 @@ What a checkpoint directory guarantees:
   complete, and retention renames a step out of the listing (into ``.deleted/``) before it
   deletes any file, so a crash or a kill mid-save or mid-delete never leaves a partial
   step listed: every step in :meth:`~CheckpointManager.all_steps` is whole.
-* **Checksummed.** Every array's CRC-32 is stored with its step (in its ``checksums``
-  item, written before the step is finalized; per shard for arrays a process holds only
-  parts of, so multi-host checkpoints are covered) and verified on restore onto any mesh;
-  a corrupt array is refused by path (:class:`CorruptCheckpointError`), and
-  ``restore(fallback=True)`` walks back to the newest intact step, warning what it skipped.
-  The hashing runs in threads while orbax writes (:mod:`~jaxlora.checkpoint.integrity`).
+* **Checksummed.** Every array's 64-bit XXH3 hash is stored in its step's metadata
+  (per shard for arrays a process holds only parts of, gathered from every process, so
+  multi-host checkpoints are covered) and verified on restore onto any mesh; a corrupt
+  array, or one without a record, is refused by path (:class:`CorruptCheckpointError`),
+  and ``restore(fallback=True)`` walks back to the newest intact step, warning what it
+  skipped (:mod:`~jaxlora.checkpoint.integrity`; about 1 ms per 28 MiB).
 * **One writer.** A writing manager holds an exclusive lock file naming its host and pid;
   a second writer is refused, a dead one's lock taken over (:mod:`~jaxlora.checkpoint.lock`).
 * **NaN-safe retention.** A NaN or infinite ``best_metric`` never ranks as best, so it

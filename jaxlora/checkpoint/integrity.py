@@ -1,10 +1,10 @@
 """Checksums of every stored array, verified on restore.
 
 orbax's files carry no checksum of their own: a flipped byte in a data file restores as a
-wrong value without any error. So every step records a CRC-32 of every array's bytes (C
-order, the array's own dtype), keyed by the item and the array's joined key path, and
-restore recomputes it on what was read and refuses an array whose bytes differ, naming its
-path.
+wrong value without any error. So every step records a 64-bit XXH3 hash of every array's
+bytes (C order, the array's own dtype), keyed by the item and the array's joined key path,
+and restore recomputes it on what was read and refuses an array whose bytes differ, naming
+its path.
 
 * **What is hashed.** At save, the host copy of every array, fetched in one batch of
   device-to-host copies (on CPU a view of the device buffer, no copy): for small arrays the
@@ -12,95 +12,106 @@ path.
   this process holds only parts of (a multi-host sharding) is hashed per addressable shard,
   each keyed by its index (``[[start, stop], ...]`` per axis), only the replica-0 copy of
   each region, so across processes every region is recorded exactly once.
-* **Overlapped.** The hashing runs in worker threads (``zlib.crc32`` releases the GIL)
-  while orbax writes, and the records are written by the step's own ``checksums`` item
-  (a JSON handler of its own) as part of the same atomic step: one JSON file per process,
-  merged on restore. A step is listed only after its checksums are on disk.
+* **Where.** The records go into the step's JSON metadata, which orbax writes in the same
+  atomic step: a listed step always has them. In a multi-process run every process's
+  shard records are gathered to all (one small collective; save is collective anyway) and
+  the primary process writes them with the metadata.
 * **Restore.** Packed arrays are verified on the host buffer as read, before they are put on
-  devices, concurrently with that placement; the others on host views of the restored
-  arrays. A shard record is verified by the process whose shards hold its region (on any
-  restoring mesh); a region that no single process holds is gathered. In a multi-process
-  run the verdict is shared, so every process raises the same error.
+  devices; the others on host views of the restored arrays. A shard record is verified by
+  the process whose shards hold its region (on any restoring mesh); a region that no single
+  process holds is gathered. In a multi-process run the verdict is shared, so every process
+  raises the same error. Steps written by earlier jaxlora versions (CRC-32 records, in the
+  metadata or in a ``checksums`` item of their own) are verified by what they recorded.
 
-CRC-32 (``zlib``) detects every error burst up to 32 bits and all but 2⁻³² of the rest; it
-guards against media and transfer corruption, not against deliberate tampering. Its cost
-is measured in ``scripts/checkpoint_checksums.py``.
+XXH3 (the ``xxhash`` package; xxHash is also zstd's frame checksum) runs at memory speed,
+about 20 GiB/s on one core here against zlib CRC-32's 2.4 GiB/s, so hashing costs about
+a millisecond per 28 MiB: cheap enough to run inline, with no threads to hide it. A 64-bit
+hash misses a random corruption with probability 2⁻⁶⁴; it guards against media and transfer
+corruption, not against deliberate tampering. Its cost is measured in
+``scripts/checkpoint_checksums.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import json
 import math
-import os
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import numpy as np
+import xxhash
 
 from jaxlora.checkpoint.errors import CheckpointError, CorruptCheckpointError
 
 __all__ = [
     "ALGORITHM",
+    "ALGORITHMS",
     "ITEM",
     "Verifier",
     "checksum",
+    "gather_records",
     "host_jobs",
     "merge_records",
+    "records",
     "restore_args",
-    "save_args",
-    "start",
     "verify",
 ]
 
-ALGORITHM = "crc32"
+ALGORITHM = "xxh3_64"
 """The checksum recorded for every array (``meta["checksum_algorithm"]``)."""
 
 ITEM = "checksums"
-"""The name of the step item holding the records (``<step>/checksums/process_<i>.json``)."""
+"""The step item in which format-2 steps held the records (``<step>/checksums/process_<i>.json``);
+read for those steps, no longer written."""
 
 Index = list[list[int]]
 """A shard's region: ``[start, stop]`` per axis."""
 
-_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+def _xxh3(data: np.ndarray) -> str:
+    return f"{xxhash.xxh3_64_intdigest(data):016x}"
 
 
-@functools.cache
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The hashing threads (``zlib.crc32`` releases the GIL on buffers over 5 KiB)."""
-    return concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="jaxlora-crc")
-
-
-@functools.cache
-def _starter() -> concurrent.futures.ThreadPoolExecutor:
-    """Runs :func:`start`'s task, which waits on the hashing threads (so not one of them)."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxlora-sums")
-
-
-def _crc(host: np.ndarray) -> str:
-    data = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+def _crc32(data: np.ndarray) -> str:
     return f"{zlib.crc32(data):08x}"
 
 
-def checksum(x: Any) -> str:
-    """CRC-32 of an array's bytes (C order) as 8 hex digits.
+ALGORITHMS = {"xxh3_64": _xxh3, "crc32": _crc32}
+"""The checksums a step may record, by name: ``crc32`` is what format-2 steps recorded."""
+
+
+def _digest(host: np.ndarray, algorithm: str = ALGORITHM) -> str:
+    host = np.asarray(host)
+    # a C-contiguous array exports its bytes as a buffer as they are (no copy, no view)
+    data = host if host.flags.c_contiguous else np.ascontiguousarray(host)
+    return ALGORITHMS[algorithm](data)
+
+
+def checksum(x: Any, algorithm: str = ALGORITHM) -> str:
+    """The checksum of an array's bytes (C order) as hex digits, as a step records it.
 
     Args:
       x: A numpy array or a fully addressable ``jax.Array``.
+      algorithm: ``"xxh3_64"`` (16 hex digits, what is written) or ``"crc32"`` (8).
 
     Examples:
       >>> import numpy as np
-      >>> checksum(np.zeros(4, np.float32)), checksum(np.ones(4, np.float32))
+      >>> checksum(np.zeros(4, np.float32), "crc32"), checksum(np.ones(4, np.float32), "crc32")
       ('ecbb4b55', 'e8681456')
+      >>> len(checksum(np.zeros(4, np.float32)))
+      16
     """
+    if algorithm not in ALGORITHMS:
+        raise CheckpointError(
+            f"unknown checksum algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
+        )
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         raise CheckpointError("checksum() needs an array this process holds in full")
-    return _crc(np.asarray(x))
+    return _digest(np.asarray(x), algorithm)
 
 
 def _index(idx: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
@@ -157,45 +168,26 @@ def host_jobs(
     return jobs
 
 
-def _chunks(hosts: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """``hosts`` split into up to one run per worker thread, of about equal bytes."""
-    total = sum(h.nbytes for h in hosts)
-    chunks, cur, acc = [], [], 0
-    for h in hosts:
-        cur.append(h)
-        acc += h.nbytes
-        if acc >= total / _WORKERS and len(chunks) < _WORKERS - 1:
-            chunks.append(cur)
-            cur, acc = [], 0
-    chunks.append(cur)
-    return chunks
-
-
-def _submit(hosts: list[np.ndarray]) -> list[concurrent.futures.Future]:
-    """Starts hashing ``hosts`` on the worker threads; the futures give their CRCs in order."""
-    return [_executor().submit(lambda c: [_crc(h) for h in c], c) for c in _chunks(hosts)]
-
-
-def _hash_all(jobs: list[Job]) -> list[str]:
-    """CRCs of ``jobs`` in order, spread over the worker threads by bytes."""
-    return [s for f in _submit([j.host for j in jobs]) for s in f.result()]
-
-
-def _records(jobs: list[Job]) -> dict[str, dict[str, Any]]:
+def records(jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """``{item: {path: record}}`` of ``jobs``, a record being a hash string (a whole array)
+    or a list of ``[index, hash]`` (shards)."""
     out: dict[str, dict[str, Any]] = {}
-    for job, crc in zip(jobs, _hash_all(jobs), strict=True):
+    for job in jobs:
         item = out.setdefault(job.item, {})
+        digest = _digest(job.host)
         if job.index is None:
-            item[job.path] = crc
+            item[job.path] = digest
         else:
-            item.setdefault(job.path, []).append([job.index, crc])
+            item.setdefault(job.path, []).append([job.index, digest])
     return out
 
 
-def start(jobs: list[Job]) -> concurrent.futures.Future:
-    """Hashes ``jobs`` in the background; the future gives ``{item: {path: record}}``,
-    a record being a CRC string (whole array) or a list of ``[index, crc]`` (shards)."""
-    return _starter().submit(_records, jobs)
+def gather_records(mine: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every process's records merged, on every process (a collective when there are
+    several processes; this process's records otherwise)."""
+    if jax.process_count() == 1:
+        return mine
+    return merge_records(_allgather_json(mine))
 
 
 def merge_records(per_process: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict]:
@@ -215,28 +207,18 @@ def merge_records(per_process: Iterable[dict[str, dict[str, Any]]]) -> dict[str,
     return out
 
 
-# -- the step item that holds the records
+# -- the step item in which format-2 steps held the records
 
 
 @functools.cache
-def _orbax_types() -> tuple[type, type, type]:
-    """``(ChecksumHandler, save args, restore args)``, made on first use so that importing
-    jaxlora does not import orbax."""
+def _orbax_types() -> tuple[type, type]:
+    """``(ChecksumHandler, restore args)``, made on first use so that importing jaxlora does
+    not import orbax."""
     import orbax.checkpoint as ocp
 
     class ChecksumHandler(ocp.handlers.JsonCheckpointHandler):
-        """Writes this process's records as ``process_<i>.json`` once they are computed, and
-        restores every process's records merged.
-
-        orbax's JSON handler runs ``_save_fn`` in the step's commit phase (a background
-        thread, on every process), and the step is finalized only after every commit is
-        done: so a listed step always has its records (tests check the file).
-        """
-
-        async def _save_fn(self, x, directory):
-            records = await asyncio.wrap_future(x)
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(records))
+        """Restores the records of a step written with a ``checksums`` item: one
+        ``process_<i>.json`` per process, merged."""
 
         def restore(self, directory, item=None, args=None):
             files = sorted(
@@ -246,27 +228,23 @@ def _orbax_types() -> tuple[type, type, type]:
                 raise FileNotFoundError(f"no checksum records in {directory}")
             return merge_records(json.loads(f.read_text()) for f in files)
 
+    # orbax requires save args of every handler it restores with; jaxlora never saves these
     @ocp.args.register_with_handler(ChecksumHandler, for_save=True)
     @dataclasses.dataclass
     class ChecksumSave(ocp.args.CheckpointArgs):
-        item: Any  # the future of start()
+        item: Any = None
 
     @ocp.args.register_with_handler(ChecksumHandler, for_restore=True)
     @dataclasses.dataclass
     class ChecksumRestore(ocp.args.CheckpointArgs):
         item: Any = None
 
-    return ChecksumHandler, ChecksumSave, ChecksumRestore
-
-
-def save_args(records: concurrent.futures.Future) -> Any:
-    """orbax save args of the step's checksums item, from the future of :func:`start`."""
-    return _orbax_types()[1](records)
+    return ChecksumHandler, ChecksumRestore
 
 
 def restore_args() -> Any:
-    """orbax restore args of the step's checksums item (gives the merged records)."""
-    return _orbax_types()[2]()
+    """orbax restore args of a step's ``checksums`` item (gives the merged records)."""
+    return _orbax_types()[1]()
 
 
 # -- restore
@@ -278,29 +256,49 @@ class Verifier:
     Args:
       where: Names the step in messages (``"checkpoint step 3 in /run"``).
       records: ``{item: {path: record}}`` as saved.
+      algorithm: The step's ``checksum_algorithm`` (a key of :data:`ALGORITHMS`); ``None``
+        for steps that recorded none (CRC-32s, and arrays without a record are not checked).
     """
 
-    def __init__(self, where: str, records: dict[str, dict[str, Any]]):
+    def __init__(
+        self,
+        where: str,
+        records: dict[str, dict[str, Any]],
+        algorithm: str | None = ALGORITHM,
+    ):
+        if algorithm is not None and algorithm not in ALGORITHMS:
+            raise CorruptCheckpointError(
+                f"{where}: recorded with checksum algorithm {algorithm!r}, which this jaxlora "
+                f"does not know ({', '.join(ALGORITHMS)}); upgrade jaxlora"
+            )
         self.where = where
         self.records = records
-        self._pending: list[tuple[list[tuple[str, ...]], list[concurrent.futures.Future]]] = []
+        # a step that names its algorithm holds a record for every array it stores; steps
+        # of the first layouts named none (and were CRC-32), so there a missing record is skipped
+        self.strict = algorithm is not None
+        self.algorithm = algorithm or "crc32"
         self._bad: dict[str, list[str]] = {}
 
     def _mismatch(self, item: str, path: str, detail: str) -> None:
         self._bad.setdefault(item, []).append(f"{path} ({detail})")
 
     def _check(self, checks: list[tuple[str, str, str, str, np.ndarray]]) -> None:
-        """Starts hashing ``(item, path, what, saved crc, host array)`` in the background."""
-        if checks:
-            futures = _submit([c[4] for c in checks])
-            self._pending.append(([c[:4] for c in checks], futures))
+        """Hashes ``(item, path, what, saved hash, host array)`` and notes every mismatch."""
+        for item, path, what, want, host in checks:
+            got = _digest(host, self.algorithm)
+            if got != want:
+                self._mismatch(item, path, f"{what}{self.algorithm} {got}, saved {want}")
 
     def host_buffers(self, item: str, members: dict[str, np.ndarray]) -> None:
         """Starts checking packed arrays given as host arrays (before they are placed)."""
         sums = self.records.get(item, {})
-        self._check(
-            [(item, p, "", sums[p], h) for p, h in members.items() if isinstance(sums.get(p), str)]
-        )
+        checks = []
+        for p, h in members.items():
+            if isinstance(sums.get(p), str):
+                checks.append((item, p, "", sums[p], h))
+            elif self.strict:
+                self._mismatch(item, p, "no checksum recorded")
+        self._check(checks)
 
     def arrays(self, item: str, paths: list[tuple[str, ...]], leaves: list[Any]) -> None:
         """Checks restored (unpacked) arrays, whole or by the shard regions recorded."""
@@ -310,6 +308,8 @@ class Verifier:
             joined = "/".join(p)
             rec = sums.get(joined)
             if rec is None:
+                if self.strict:
+                    self._mismatch(item, joined, "no checksum recorded")
                 continue
             whole = isinstance(rec, str)
             regions = [[[[0, n] for n in np.shape(x)], rec]] if whole else rec
@@ -343,14 +343,8 @@ class Verifier:
         self._check(checks)
 
     def finish(self) -> None:
-        """Waits for the background checks; raises :class:`CorruptCheckpointError` naming
-        every array that failed (the same on every process)."""
-        for checks, futures in self._pending:
-            got = [s for f in futures for s in f.result()]
-            for (item, path, what, want), crc in zip(checks, got, strict=True):
-                if crc != want:
-                    self._mismatch(item, path, f"{what}crc32 {crc}, saved {want}")
-        self._pending.clear()
+        """Raises :class:`CorruptCheckpointError` naming every array that failed (the same
+        on every process)."""
         bad = [(item, b) for item, entries in self._bad.items() for b in entries]
         if jax.process_count() > 1:
             bad = _share(bad)
@@ -359,8 +353,8 @@ class Verifier:
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
             where = f"{self.where}, {items}" if items else self.where
             raise CorruptCheckpointError(
-                f"{where}: checksum mismatch, the stored bytes of "
-                f"{', '.join(b for _, b in bad[:4])}{more} changed after they were written "
+                f"{where}: checksum mismatch of {', '.join(b for _, b in bad[:4])}{more}: "
+                "the stored bytes (or their records) changed after they were written "
                 "(disk or transfer corruption)"
             )
 
@@ -418,26 +412,39 @@ def _assemble(x: jax.Array, region: Index) -> np.ndarray:
     return out
 
 
-def _share(bad: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every process's mismatches, on every process (a collective)."""
+def _allgather_json(value: Any) -> list[Any]:
+    """``value`` (JSON-able) of every process, in process order, on every process (a
+    collective)."""
     from jax.experimental import multihost_utils
 
-    blob = json.dumps(bad).encode()
+    blob = json.dumps(value).encode()
     sizes = multihost_utils.process_allgather(np.asarray([len(blob)], np.int32))
     width = int(np.max(sizes))
     padded = np.zeros(width, np.uint8)
     padded[: len(blob)] = np.frombuffer(blob, np.uint8)
     everyone = np.asarray(multihost_utils.process_allgather(padded))
-    out = []
-    for row, n in zip(everyone.reshape(-1, width), np.asarray(sizes).reshape(-1), strict=True):
-        for entry in json.loads(bytes(row[: int(n)]).decode()):
+    return [
+        json.loads(bytes(row[: int(n)]).decode())
+        for row, n in zip(everyone.reshape(-1, width), np.asarray(sizes).reshape(-1), strict=True)
+    ]
+
+
+def _share(bad: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every process's mismatches, on every process (a collective)."""
+    out: list[tuple[str, str]] = []
+    for theirs in _allgather_json(bad):
+        for entry in theirs:
             if tuple(entry) not in out:
                 out.append(tuple(entry))
     return out
 
 
 def verify(
-    where: str, paths: list[tuple[str, ...]], leaves: list[Any], saved: dict[str, Any]
+    where: str,
+    paths: list[tuple[str, ...]],
+    leaves: list[Any],
+    saved: dict[str, Any],
+    algorithm: str = ALGORITHM,
 ) -> None:
     """Raises :class:`CorruptCheckpointError` naming every array whose checksum differs.
 
@@ -445,8 +452,9 @@ def verify(
       where: Names the item in the message (``"checkpoint step 3 in /run, opt_state"``).
       paths: The leaves' key paths.
       leaves: The arrays as read.
-      saved: The records saved for them (``{path: crc}``, or ``[[index, crc], ...]``).
+      saved: The records saved for them (``{path: hash}``, or ``[[index, hash], ...]``).
+      algorithm: What they were hashed with.
     """
-    v = Verifier(where, {"": saved})
+    v = Verifier(where, {"": saved}, algorithm)
     v.arrays("", paths, leaves)
     v.finish()
