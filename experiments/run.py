@@ -247,6 +247,7 @@ class _State:
     opt_state: Any
     shardings: dict[str, Any]
     batches: data.BucketedBatches
+    train_step: Any  # the jitted sharded step (jaxlora.sharding.setup)
     step: int = 0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -263,17 +264,22 @@ def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _Sta
     # base params by the config's rules, each adapter array like its kernel, optimizer
     # state like its parameter, batches over the data/fsdp axes; put() copies, so the
     # step may donate (and Delta-LoRA move) the base while the task's params stay intact
-    mesh = jl.make_mesh(config.mesh)
-    psh = sh.param_shardings(params, partition_rules(config.rules), mesh)
-    params = distributed.put(params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    adapters = distributed.put(adapters, ash)
-    opt_state = sh.init_opt_state(tx, adapters, ash)
+    run = sh.setup(
+        task.loss_fn,
+        tx,
+        params,
+        partition_rules(config.rules),
+        jl.make_mesh(config.mesh),
+        adapters=adapters,
+        skip_nonfinite=config.on_nonfinite == "skip",
+        with_rng=config.dropout,  # a per-step key for the model's and the low-rank dropout
+    )
+    params, adapters, opt_state = run.params, run.adapters, run.opt_state
     shardings = {
-        "params": psh,
-        "adapters": ash,
-        "opt_state": sh.opt_state_shardings(tx, adapters, ash),
-        "batch": sh.batch_sharding(mesh),
+        "params": run.param_shardings,
+        "adapters": run.adapter_shardings,
+        "opt_state": run.opt_state_shardings,
+        "batch": run.batch_sharding,
     }
     batches = data.BucketedBatches(
         task.train,
@@ -281,7 +287,7 @@ def _prepare(config: ExperimentConfig, m: MethodConfig, task: Task, key) -> _Sta
         seed=config.seed,
         buckets=config.buckets or (config.max_length,),
     )
-    return _State(recipe, tx, params, adapters, opt_state, shardings, batches)
+    return _State(recipe, tx, params, adapters, opt_state, shardings, batches, run.step)
 
 
 def _resume(st: _State, ckpt, method_dir: pathlib.Path) -> None:
@@ -335,17 +341,8 @@ def _train(
 ) -> list:
     """The training loop from ``st.step`` to ``last``; returns each step's wall time."""
     shd = st.shardings
-    rng = config.dropout  # a per-step key for the model's and the low-rank dropout
-    step = jl.sharded_train_step(
-        task.loss_fn,
-        st.tx,
-        param_shardings=shd["params"],
-        adapter_shardings=shd["adapters"],
-        opt_state_shardings=shd["opt_state"],
-        batch_sharding=shd["batch"],
-        skip_nonfinite=config.on_nonfinite == "skip",
-        with_rng=rng,
-    )
+    rng = config.dropout  # the step takes a per-step key (see _prepare)
+    step = st.train_step
     # XLA's figures come from the longest bucket's executable (compiled first: every
     # method reports the same shape), the run compiles each other bucket when it first
     # comes up

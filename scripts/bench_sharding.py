@@ -47,36 +47,31 @@ MESHES = {
 
 
 def counts(config, mesh_shape, preset, gather, batch, seq):
-    mesh = sh.make_mesh(mesh_shape)
     init = functools.partial(llama.init_params, config=config)
     shapes = jax.eval_shape(init, jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
     # a scanned model's kernels are (L, d_in, d_out): their stack axis is said, not guessed
     method = jl.lora(rank=8, targets=stacked("all-linear") if config.scan_layers else "all-linear")
-    adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = jl.optimizer(optax.adamw(1e-4))
-    osh = sh.opt_state_shardings(tx, adapters, ash)
-    bsh = sh.batch_sharding(mesh)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
     def loss_fn(params, ids):
         return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
 
-    step = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=osh,
-        batch_sharding=bsh,
+        jl.optimizer(optax.adamw(1e-4)),
+        shapes,
+        llama.partition_rules(preset),
+        sh.make_mesh(mesh_shape),
+        method=method,
+        key=jax.random.key(1),
+        abstract=True,  # lowered and compiled only
         gather=gather,
     )
+    psh, ash, bsh = run.param_shardings, run.adapter_shardings, run.batch_sharding
     fwd = jax.jit(jl.adapt(sh.gathered(loss_fn, psh, gather)), in_shardings=(psh, ash, bsh))
-    state = jax.eval_shape(tx.init, adapters)
     programs = {
-        "forward": fwd.lower(shapes, adapters, ids),
-        "step": step.lower(shapes, adapters, state, ids),
+        "forward": fwd.lower(run.params, run.adapters, ids),
+        "step": run.step.lower(run.params, run.adapters, run.opt_state, ids),
     }
     kernels = {tuple(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim >= 2}
     rows = {}

@@ -236,28 +236,25 @@ def build(config, mesh_shape, method, *, batch, seq, rank, per_layer=True) -> Pl
     mesh = sh.make_mesh(mesh_shape)
     preset = "fsdp_tp" if mesh_shape.get("tensor", 1) > 1 else "fsdp"
     shapes = jax.eval_shape(functools.partial(llama.init_params, config=config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
     adapters = jax.eval_shape(method_of(method, rank).init, jax.random.key(1), shapes)
     if method != "full":  # a fully trained copy must keep its base leaf's dtype
         adapters = _f32(adapters)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = jl.optimizer(optax.adamw(1e-4))
-    opt_state = jax.eval_shape(tx.init, adapters)
-    osh = sh.opt_state_shardings(tx, adapters, ash)
-    bsh = sh.batch_sharding(mesh)
 
     def loss_fn(params, ids):
         return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
 
-    step = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=osh,
-        batch_sharding=bsh,
+        jl.optimizer(optax.adamw(1e-4)),
+        shapes,
+        llama.partition_rules(preset),
+        mesh,
+        adapters=adapters,
+        abstract=True,  # shapes only: plans models far larger than this host
         per_layer=per_layer,
     )
+    psh, ash, osh = run.param_shardings, run.adapter_shardings, run.opt_state_shardings
+    opt_state, step = run.opt_state, run.step
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     scanned = sh.scanned_paths(loss_fn, shapes, ids) if per_layer else set()
     split = math.prod(dict(mesh.shape)[a] for a in sh.BATCH_AXES)

@@ -60,23 +60,18 @@ def main() -> None:
     ref_adapters = jax.device_get(adapters)
 
     for preset, axes in (("fsdp", {"fsdp": 8}),):
-        mesh = sh.make_mesh(axes)
-        shapes = jax.eval_shape(init, jax.random.key(0))
-        psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
-        params = jax.jit(init, out_shardings=psh)(jax.random.key(0))
-        adapters = sh.init_adapters(method, jax.random.key(1), params, psh)
-        ash = sh.adapter_shardings(adapters, psh)
-        state = sh.init_opt_state(tx, adapters, ash)
-        bsh = sh.batch_sharding(mesh)
-        sstep = sh.sharded_train_step(
+        run = sh.setup(
             loss_fn,
             tx,
-            param_shardings=psh,
-            adapter_shardings=ash,
-            opt_state_shardings=sh.opt_state_shardings(tx, adapters, ash),
-            batch_sharding=bsh,
+            lambda: init(jax.random.key(0)),
+            llama.partition_rules(preset),
+            sh.make_mesh(axes),
+            method=method,
+            key=jax.random.key(1),
             with_rng=True,
         )
+        params, adapters, state, sstep = run.params, run.adapters, run.opt_state, run.step
+        bsh = run.batch_sharding
         # the compiled step is inspectable like the unsharded one
         lowered = sstep.lower(params, adapters, state, distributed.put(ids, bsh), keys[0])
         assert lowered.compile().cost_analysis()["flops"] > 0

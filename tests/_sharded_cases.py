@@ -129,30 +129,23 @@ def _reference(name: str, scan: bool):
 def _sharded(name: str, preset: str, scan: bool):
     config = _config(scan)
     spec = _spec(name, scan)
-    mesh = sh.make_mesh(MESHES[preset])
-    shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules(preset), mesh)
-    # the base is initialised straight into its shards, as a real run would
-    params = jax.jit(_init_params(config), out_shardings=psh)(jax.random.key(0))
-    adapters = sh.init_adapters(spec.method, jax.random.key(1), params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = spec.optimizer(optax.sgd, learning_rate=0.1, momentum=0.9)
-    state = sh.init_opt_state(tx, adapters, ash)
-    osh = sh.opt_state_shardings(tx, adapters, ash)
-    bsh = sh.batch_sharding(mesh)
-    step = sh.sharded_train_step(
+    run = sh.setup(
         _loss_fn(config),
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=osh,
-        batch_sharding=bsh,
+        spec.optimizer(optax.sgd, learning_rate=0.1, momentum=0.9),
+        # the base is initialised straight into its shards, as a real run would
+        lambda: _init_params(config)(jax.random.key(0)),
+        llama.partition_rules(preset),
+        sh.make_mesh(MESHES[preset]),
+        method=spec.method,
+        key=jax.random.key(1),
     )
+    params, adapters, state = run.params, run.adapters, run.opt_state
     losses = []
     for ids in _batches():
-        params, adapters, state, metrics = step(params, adapters, state, distributed.put(ids, bsh))
+        params, adapters, state, metrics = run.step(params, adapters, state, run.put_batch(ids))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), params, adapters, state, (psh, ash, osh)
+    shardings = (run.param_shardings, run.adapter_shardings, run.opt_state_shardings)
+    return np.array(losses), params, adapters, state, shardings
 
 
 def _assert_shardings(arrays, shardings):
@@ -389,24 +382,18 @@ def test_full_fine_tuning_scanned_per_layer_matches_single_device():
         _, ref, state, metrics = step(params, ref, state, jnp.asarray(ids))
         ref_losses.append(float(metrics["loss"]))
 
-    mesh = sh.make_mesh(MESHES["fsdp"])
-    psh = sh.param_shardings(jax.eval_shape(lambda: params), llama.partition_rules("fsdp"), mesh)
-    sparams = jax.device_put(params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    sad = jax.device_put(adapters, ash)
-    sstate = sh.init_opt_state(tx, sad, ash)
-    bsh = sh.batch_sharding(mesh)
-    sstep = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
         tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=sh.opt_state_shardings(tx, sad, ash),
-        batch_sharding=bsh,
+        params,
+        llama.partition_rules("fsdp"),
+        sh.make_mesh(MESHES["fsdp"]),
+        adapters=adapters,
     )
+    sparams, sad, sstate = run.params, run.adapters, run.opt_state
     losses = []
     for ids in _batches():
-        sparams, sad, sstate, metrics = sstep(sparams, sad, sstate, distributed.put(ids, bsh))
+        sparams, sad, sstate, metrics = run.step(sparams, sad, sstate, run.put_batch(ids))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, **TOL)
     for g, w in zip(
@@ -435,25 +422,25 @@ def test_bf16_stacks_gathered_per_layer_as_16_bits_match_single_device():
         _, ref, state, metrics = step(params, ref, state, jnp.asarray(ids))
         ref_losses.append(float(metrics["loss"]))
 
-    mesh = sh.make_mesh(MESHES["fsdp"])
-    psh = sh.param_shardings(jax.eval_shape(lambda: params), llama.partition_rules("fsdp"), mesh)
-    sparams = jax.device_put(params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    sad = jax.device_put(adapters, ash)
-    sstate = sh.init_opt_state(tx, sad, ash)
-    bsh = sh.batch_sharding(mesh)
-    sstep = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
         tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=sh.opt_state_shardings(tx, sad, ash),
-        batch_sharding=bsh,
+        params,
+        llama.partition_rules("fsdp"),
+        sh.make_mesh(MESHES["fsdp"]),
+        adapters=adapters,
         donate=False,
+    )
+    sparams, sad, sstate, sstep, bsh = (
+        run.params,
+        run.adapters,
+        run.opt_state,
+        run.step,
+        run.batch_sharding,
     )
     losses = []
     for ids in _batches():
-        _, sad, sstate, metrics = sstep(sparams, sad, sstate, distributed.put(ids, bsh))
+        _, sad, sstate, metrics = sstep(sparams, sad, sstate, run.put_batch(ids))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, ref_losses, **TOL)
     for g, w in zip(

@@ -54,29 +54,23 @@ def main() -> None:
         return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
 
     mesh = sh.make_mesh(_mesh_shape(args.mesh))
-    shapes = jax.eval_shape(init_params, jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules(args.preset), mesh)
-    # no arguments: a process-local key cannot feed a computation spanning all processes
-    params = jax.jit(lambda: init_params(jax.random.key(0)), out_shardings=psh)()
     method = jl.lora(
         rank=4, alpha=8.0, targets=stacked("all-linear") if args.scan else "all-linear"
     )
-    adapters = sh.init_adapters(method, jax.random.key(1), params, psh)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
-    state = sh.init_opt_state(tx, adapters, ash)
-    bsh = sh.batch_sharding(mesh)
-    step = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=sh.opt_state_shardings(tx, adapters, ash),
-        batch_sharding=bsh,
+        jl.optimizer(optax.sgd(0.1, momentum=0.9)),
+        # no arguments: a process-local key cannot feed a computation spanning all processes
+        lambda: init_params(jax.random.key(0)),
+        llama.partition_rules(args.preset),
+        mesh,
+        method=method,
+        key=jax.random.key(1),
     )
+    params, adapters, state, step = run.params, run.adapters, run.opt_state, run.step
     # every process draws the same global batch; put() keeps only its own shards
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (8, 16)).astype(np.int32)
-    batch = distributed.put(ids, bsh)
+    batch = run.put_batch(ids)
     losses = []
     for _ in range(args.steps):
         params, adapters, state, metrics = step(params, adapters, state, batch)

@@ -241,6 +241,89 @@ def test_gathered_drops_only_the_gathered_axes():
     )
 
 
+# ----------------------------------------------------------------------------- setup
+
+
+def _loss(config):
+    def loss_fn(params, ids):
+        return llama.causal_lm_loss(llama.apply(params, ids, config=config), ids)
+
+    return loss_fn
+
+
+def test_setup_equals_its_building_blocks_and_the_unsharded_step():
+    # on the one CPU device; tests/_sharded_cases.py runs it over 8 devices and every preset
+    init = functools.partial(llama.init_params, config=CONFIG)
+    method, tx = jl.lora(rank=2, targets="all-linear"), jl.optimizer(optax.adam(1e-2))
+    mesh, rules = sh.make_mesh(), llama.partition_rules("fsdp")
+    run = sh.setup(
+        _loss(CONFIG), tx, lambda: init(jax.random.key(0)), rules, mesh,
+        method=method, key=jax.random.key(1), donate=False,
+    )  # fmt: skip
+    params = jax.jit(init)(jax.random.key(0))  # jitted like setup's (eager may be an ulp off)
+    psh = sh.param_shardings(params, rules, mesh)
+    adapters = method.init(jax.random.key(1), params)
+    ash = sh.adapter_shardings(adapters, psh)
+    for got, want in [
+        (run.param_shardings, psh),
+        (run.adapter_shardings, ash),
+        (run.opt_state_shardings, sh.opt_state_shardings(tx, adapters, ash)),
+    ]:
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        assert jax.tree_util.tree_leaves(got) == jax.tree_util.tree_leaves(want)
+    chex_equal = functools.partial(jax.tree_util.tree_map, lambda a, b: bool(jnp.all(a == b)))
+    assert all(jax.tree_util.tree_leaves(chex_equal(run.params, params)))
+    assert all(jax.tree_util.tree_leaves(chex_equal(run.adapters, adapters)))
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, CONFIG.vocab_size)
+    want = jl.train_step(_loss(CONFIG), tx, donate=False)(params, adapters, tx.init(adapters), ids)
+    got = run.step(run.params, run.adapters, run.opt_state, run.put_batch(ids))
+    assert float(got[3]["loss"]) == pytest.approx(float(want[3]["loss"]), rel=1e-6)
+    for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+        assert jnp.allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_setup_with_given_adapters_copies_them_so_they_may_be_donated():
+    params = jax.tree_util.tree_map(jnp.zeros_like, _shapes(False))
+    adapters = jl.lora(rank=2, targets="all-linear").init(jax.random.key(1), params)
+    run = sh.setup(
+        _loss(CONFIG), jl.optimizer(optax.sgd(0.1)), params, llama.partition_rules("fsdp"),
+        sh.make_mesh(), adapters=adapters,
+    )  # fmt: skip
+    leaf = jax.tree_util.tree_leaves(adapters)[0]
+    assert jax.tree_util.tree_leaves(run.adapters)[0].unsafe_buffer_pointer() != (
+        leaf.unsafe_buffer_pointer()
+    )
+
+
+def test_setup_abstract_allocates_nothing_and_lowers():
+    shapes = _shapes(True)
+    run = sh.setup(
+        _loss(dataclasses.replace(CONFIG, scan_layers=True)), jl.optimizer(optax.adamw(1e-4)),
+        shapes, llama.partition_rules("fsdp"), sh.make_mesh(),
+        method=jl.lora(rank=2, targets=stacked("all-linear")), key=jax.random.key(1),
+        abstract=True,
+    )  # fmt: skip
+    for tree in (run.params, run.adapters, run.opt_state):
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(tree))
+    ids = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    compiled = run.step.lower(run.params, run.adapters, run.opt_state, ids).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({}, "not none of them"),
+        ({"method": jl.lora(rank=2)}, "not method$"),
+        ({"key": jax.random.key(0), "adapters": {}}, "not adapters and key$"),
+    ],
+)
+def test_setup_needs_adapters_or_method_and_key(kw, match):
+    params = {"w": {"kernel": jnp.eye(4)}}
+    with pytest.raises(ValueError, match=match):
+        sh.setup(lambda p, b: 0.0, jl.optimizer(optax.sgd(0.1)), params, [], sh.make_mesh(), **kw)
+
+
 def test_distributed_initialize_is_env_driven():
     assert distributed.initialize({}) is False
     assert distributed.initialize({"JAX_NUM_PROCESSES": "1"}) is False

@@ -10,6 +10,8 @@
 * :mod:`~jaxlora.sharding.init`: adapters and optimizer state born in their shards.
 * :mod:`~jaxlora.sharding.step`: :func:`jaxlora.train_step` jitted with explicit shardings
   and donation; FSDP kernels gathered once per step, scanned stacks one layer at a time.
+* :mod:`~jaxlora.sharding.setup`: all of the above in one call, :func:`setup`: params,
+  adapters and optimizer state in their shards, the batch sharding and the step.
 
 Counting the collectives of a compiled step is :func:`jaxlora.profiling.collectives`.
 """
@@ -24,12 +26,14 @@ from jaxlora.sharding.errors import ShardingError
 from jaxlora.sharding.init import init_adapters, init_opt_state
 from jaxlora.sharding.mesh import AXES, BATCH_AXES, batch_sharding, make_mesh, mesh_shape
 from jaxlora.sharding.rules import Rules, param_shardings, param_specs
+from jaxlora.sharding.setup import ShardedRun, setup
 from jaxlora.sharding.step import gathered, scanned_paths, sharded_train_step
 
 __all__ = [
     "AXES",
     "BATCH_AXES",
     "Rules",
+    "ShardedRun",
     "ShardingError",
     "adapter_shardings",
     "adapter_specs",
@@ -44,5 +48,6 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "scanned_paths",
+    "setup",
     "sharded_train_step",
 ]
