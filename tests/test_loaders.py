@@ -431,6 +431,34 @@ def test_quantize_on_read_argument_errors(qllama, tiny_llama):
         loaders.load_llama_safetensors(tiny_llama[0], quantize="nf4")
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"scan_layers": True}, {"scan_layers": True, "quantize": "nf4"}],
+    ids=["float", "scan", "nf4"],
+)
+def test_gguf_load_releases_the_file_mapping(qllama, tmp_path, options):
+    """No loaded array aliases the GGUF file's memory map, so loading unmaps the file.
+
+    gguf dequantizes F32 tensors to views of the map, and on CPU ``jax.device_put`` of an
+    aligned host array may alias it rather than copy: one such leaf (a norm scale) would
+    keep the whole mapping, and every page the load touched, in the process's RSS for as
+    long as the parameters live.
+    """
+    import gc
+    import shutil
+
+    path = tmp_path / "own.gguf"  # a file no other test maps
+    shutil.copyfile(qllama["gguf"], path)
+    _, params = loaders.load_llama_gguf(path, **options)
+    jax.block_until_ready(params)
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(path) in line]
+    assert mapped == [], f"{len(mapped)} mappings of the GGUF file outlive the load"
+    del params
+    gc.collect()
+
+
 # ------------------------------------------------------------------------ MiniLM files
 
 

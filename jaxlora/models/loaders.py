@@ -176,7 +176,8 @@ class _GGUFReader:
         tensor = self._tensors[name]
         if self._quantized and tensor.tensor_type == GGMLQuantizationType.Q4_1:
             return q4_1_children(np.asarray(tensor.data), self.shapes[name])
-        return dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
+        x = dequantize(tensor.data, tensor.tensor_type).reshape(self.shapes[name])
+        return _own(x, tensor.data)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (numpy order), dequantised to float32."""
@@ -185,7 +186,17 @@ class _GGUFReader:
         tensor = self._tensors[name]
         rows = np.asarray(tensor.data).reshape(self.shapes[name][0], -1)[start:stop]
         shape = (stop - start, *self.shapes[name][1:])
-        return dequantize(rows, tensor.tensor_type).reshape(shape)
+        return _own(dequantize(rows, tensor.tensor_type).reshape(shape), tensor.data)
+
+
+def _own(x: np.ndarray, mapped: np.ndarray) -> np.ndarray:
+    """``x``, copied if it is a view of the file's memory map (gguf's F32 tensors are).
+
+    On CPU ``jax.device_put`` may alias an aligned host array instead of copying it, so a
+    view kept in the tree (a norm scale, say) would keep the whole map, and every page the
+    load touched, resident for as long as the parameters live.
+    """
+    return x.copy() if np.may_share_memory(x, mapped) else x
 
 
 # ---------------------------------------------------------------------- plan and build
