@@ -453,7 +453,8 @@ def test_gguf_load_releases_the_file_mapping(qllama, tmp_path, options):
     _, params = loaders.load_llama_gguf(path, **options)
     jax.block_until_ready(params)
     gc.collect()
-    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(path) in line]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    mapped = [line for line in maps if str(path) in line]
     assert mapped == [], f"{len(mapped)} mappings of the GGUF file outlive the load"
     del params
     gc.collect()
