@@ -223,28 +223,27 @@ def test_sharded_matches_single_device(name, preset, scan):
 def test_fsdp_gathers_each_frozen_kernel_once(scan):
     """The train step all-gathers no base kernel beyond what the forward pass needs."""
     config = _config(scan)
-    mesh = sh.make_mesh(MESHES["fsdp"])
     shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules("fsdp"), mesh)
-    method = jl.lora(rank=4, targets=stacked("all-linear") if scan else "all-linear")
-    adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
-    osh = sh.opt_state_shardings(tx, adapters, ash)
-    bsh = sh.batch_sharding(mesh)
-    batch = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
     loss_fn = _loss_fn(config)
-    step = sh.sharded_train_step(
+    run = sh.setup(
         loss_fn,
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=osh,
-        batch_sharding=bsh,
+        jl.optimizer(optax.sgd(0.1, momentum=0.9)),
+        shapes,
+        llama.partition_rules("fsdp"),
+        sh.make_mesh(MESHES["fsdp"]),
+        method=jl.lora(rank=4, targets=stacked("all-linear") if scan else "all-linear"),
+        key=jax.random.key(1),
+        abstract=True,
     )
+    psh, ash, bsh, adapters = (
+        run.param_shardings,
+        run.adapter_shardings,
+        run.batch_sharding,
+        run.adapters,
+    )
+    batch = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
     forward = jax.jit(jl.adapt(sh.gathered(loss_fn, psh, ("fsdp",))), in_shardings=(psh, ash, bsh))
-    state = jax.eval_shape(tx.init, adapters)
-    step_hlo = step.lower(shapes, adapters, state, batch).compile().as_text()
+    step_hlo = run.step.lower(shapes, adapters, run.opt_state, batch).compile().as_text()
     in_step = profiling.collectives(step_hlo)
     in_fwd = profiling.collectives(forward.lower(shapes, adapters, batch).compile().as_text())
 
@@ -296,23 +295,19 @@ WIDE = llama.LlamaConfig(
 
 
 def _compiled_step(config, method, per_layer):
-    mesh = sh.make_mesh(MESHES["fsdp"])
-    shapes = jax.eval_shape(_init_params(config), jax.random.key(0))
-    psh = sh.param_shardings(shapes, llama.partition_rules("fsdp"), mesh)
-    adapters = jax.eval_shape(method.init, jax.random.key(1), shapes)
-    ash = sh.adapter_shardings(adapters, psh)
-    tx = jl.optimizer(optax.sgd(0.1, momentum=0.9))
-    step = sh.sharded_train_step(
+    run = sh.setup(
         _loss_fn(config),
-        tx,
-        param_shardings=psh,
-        adapter_shardings=ash,
-        opt_state_shardings=sh.opt_state_shardings(tx, adapters, ash),
-        batch_sharding=sh.batch_sharding(mesh),
+        jl.optimizer(optax.sgd(0.1, momentum=0.9)),
+        jax.eval_shape(_init_params(config), jax.random.key(0)),
+        llama.partition_rules("fsdp"),
+        sh.make_mesh(MESHES["fsdp"]),
+        method=method,
+        key=jax.random.key(1),
+        abstract=True,
         per_layer=per_layer,
     )
     batch = jax.ShapeDtypeStruct((BATCH, 8), jnp.int32)
-    return step.lower(shapes, adapters, jax.eval_shape(tx.init, adapters), batch).compile()
+    return run.step.lower(run.params, run.adapters, run.opt_state, batch).compile()
 
 
 def _unit_dropped(shape: tuple[int, ...]) -> tuple[int, ...]:
